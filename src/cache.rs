@@ -1,0 +1,288 @@
+//! The operator's view of the cluster: RayClusters, and slim copies of their pods and head Services,
+//! indexed by the RayCluster they belong to.
+//!
+//! Filled by label-filtered watches (never all pods of the cluster) and by write-through after our
+//! own writes, so a pod we just created counts before its watch event arrives and is never created
+//! twice. Pods are kept as [`ObservedPod`] (a few strings), not whole objects, to stay small at
+//! thousands of clusters.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dashmap::DashMap;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::ResourceExt;
+
+use crate::api::RayCluster;
+use crate::reconciler::desired::{LABEL_CLUSTER, LABEL_LAUNCH_HASH, LABEL_NODE_KIND, LABEL_POD_TYPE, NodeKind};
+use crate::reconciler::plan::{ObservedPod, PodPhase};
+
+/// Namespace and name of a RayCluster.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClusterKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ClusterKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self { namespace: namespace.into(), name: name.into() }
+    }
+
+    pub fn of(cluster: &RayCluster) -> Self {
+        Self::new(cluster.namespace().unwrap_or_default(), cluster.name_any())
+    }
+}
+
+/// `<name>: <namespace>`: the prefix of every log line about a cluster, so
+/// `kubectl logs ... | grep ^<name>:` finds them.
+impl fmt::Display for ClusterKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.name, self.namespace)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Stamped<T> {
+    value: T,
+    stamp: u64,
+    resource_version: Option<u64>,
+}
+
+/// Parses a resourceVersion for ordering. They are opaque by contract but etcd revisions in
+/// practice; we use the order only to refuse to replace a fresher write-through by an older event.
+fn rv(s: Option<&String>) -> Option<u64> {
+    s.and_then(|s| s.parse().ok())
+}
+
+fn fresher(new: Option<u64>, old: Option<u64>) -> bool {
+    match (new, old) {
+        (Some(n), Some(o)) => n >= o,
+        _ => true,
+    }
+}
+
+/// What the operator knows about the cluster.
+#[derive(Default)]
+pub struct Cache {
+    clusters: DashMap<ClusterKey, Stamped<Arc<RayCluster>>>,
+    pods: DashMap<ClusterKey, BTreeMap<String, Stamped<ObservedPod>>>,
+    services: DashMap<ClusterKey, Stamped<String>>,
+    counter: AtomicU64,
+}
+
+/// The RayCluster a child belongs to: its controller owner reference, if that is a RayCluster and
+/// the `ray-cluster-name` label agrees (a pod someone merely labelled is not ours).
+fn owner_key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<ClusterKey> {
+    let label = meta.labels.as_ref()?.get(LABEL_CLUSTER)?;
+    let owner = meta.owner_references.as_ref()?.iter().find(|o| {
+        o.controller == Some(true) && o.kind == "RayCluster" && o.api_version.starts_with("cluster.ray.io/")
+    })?;
+    (owner.name == *label).then(|| ClusterKey::new(meta.namespace.clone().unwrap_or_default(), label.clone()))
+}
+
+/// The slice of a pod the reconciler needs; `None` for pods that are not Ray pods of a RayCluster.
+pub fn observe_pod(pod: &Pod) -> Option<(ClusterKey, ObservedPod)> {
+    let key = owner_key(&pod.metadata)?;
+    let labels = pod.metadata.labels.as_ref()?;
+    let kind = match labels.get(LABEL_NODE_KIND).map(String::as_str) {
+        Some("head") => NodeKind::Head,
+        Some("worker") => NodeKind::Worker,
+        _ => return None,
+    };
+    let status = pod.status.as_ref();
+    let phase = match status.and_then(|s| s.phase.as_deref()) {
+        Some("Pending") | None => PodPhase::Pending,
+        Some("Running") => PodPhase::Running,
+        Some("Succeeded") | Some("Failed") => PodPhase::Finished,
+        Some(_) => PodPhase::Unknown,
+    };
+    let ready = status
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    Some((
+        key,
+        ObservedPod {
+            name: pod.name_any(),
+            uid: pod.metadata.uid.clone().unwrap_or_default(),
+            kind,
+            type_name: labels.get(LABEL_POD_TYPE).cloned().unwrap_or_default(),
+            hash: labels.get(LABEL_LAUNCH_HASH).cloned().unwrap_or_default(),
+            phase,
+            ready,
+            terminating: pod.metadata.deletion_timestamp.is_some(),
+            ip: status.and_then(|s| s.pod_ip.clone()),
+        },
+    ))
+}
+
+impl Cache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn stamp(&self) -> u64 {
+        self.counter.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A mark taken when a watch (re)lists: entries of its scope not refreshed since are stale.
+    pub fn mark(&self) -> u64 {
+        self.counter.load(Ordering::Relaxed)
+    }
+
+    // --- RayClusters ---
+
+    pub fn cluster(&self, key: &ClusterKey) -> Option<Arc<RayCluster>> {
+        self.clusters.get(key).map(|e| e.value.clone())
+    }
+
+    pub fn cluster_keys(&self) -> Vec<ClusterKey> {
+        self.clusters.iter().map(|e| e.key().clone()).collect()
+    }
+
+    pub fn cluster_count(&self) -> usize {
+        self.clusters.len()
+    }
+
+    /// Stores a RayCluster unless we already hold a fresher version of it.
+    pub fn put_cluster(&self, cluster: RayCluster) -> ClusterKey {
+        let key = ClusterKey::of(&cluster);
+        let resource_version = rv(cluster.metadata.resource_version.as_ref());
+        let stamp = self.stamp();
+        let mut entry = self.clusters.entry(key.clone()).or_insert_with(|| Stamped {
+            value: Arc::new(cluster.clone()),
+            stamp,
+            resource_version,
+        });
+        if fresher(resource_version, entry.resource_version) {
+            *entry = Stamped { value: Arc::new(cluster), stamp, resource_version };
+        } else {
+            entry.stamp = stamp;
+        }
+        key
+    }
+
+    pub fn remove_cluster(&self, key: &ClusterKey) {
+        self.clusters.remove(key);
+    }
+
+    /// Drops clusters in `namespace` (all namespaces when `None`) not refreshed since `mark`;
+    /// returns them so their shards forget them.
+    pub fn sweep_clusters(&self, namespace: Option<&str>, mark: u64) -> Vec<ClusterKey> {
+        let stale: Vec<ClusterKey> = self
+            .clusters
+            .iter()
+            .filter(|e| namespace.is_none_or(|ns| e.key().namespace == ns) && e.stamp < mark)
+            .map(|e| e.key().clone())
+            .collect();
+        for k in &stale {
+            self.clusters.remove_if(k, |_, v| v.stamp < mark);
+        }
+        stale
+    }
+
+    // --- Pods ---
+
+    pub fn pods(&self, key: &ClusterKey) -> Vec<ObservedPod> {
+        self.pods.get(key).map(|m| m.values().map(|s| s.value.clone()).collect()).unwrap_or_default()
+    }
+
+    pub fn pod_count(&self) -> usize {
+        self.pods.iter().map(|m| m.len()).sum()
+    }
+
+    /// Stores a pod (from a watch event or from our own create) unless a fresher copy is held.
+    pub fn put_pod(&self, pod: &Pod) -> Option<ClusterKey> {
+        let (key, observed) = observe_pod(pod)?;
+        let resource_version = rv(pod.metadata.resource_version.as_ref());
+        let stamp = self.stamp();
+        let mut pods = self.pods.entry(key.clone()).or_default();
+        let fresh = pods.get(&observed.name).is_none_or(|old| fresher(resource_version, old.resource_version));
+        if fresh {
+            pods.insert(observed.name.clone(), Stamped { value: observed, stamp, resource_version });
+        } else if let Some(old) = pods.get_mut(&observed.name) {
+            old.stamp = stamp;
+        }
+        Some(key)
+    }
+
+    pub fn remove_pod(&self, pod: &Pod) -> Option<ClusterKey> {
+        let (key, observed) = observe_pod(pod)?;
+        if let Some(mut pods) = self.pods.get_mut(&key) {
+            pods.remove(&observed.name);
+        }
+        self.pods.remove_if(&key, |_, m| m.is_empty());
+        Some(key)
+    }
+
+    /// Marks a pod we just deleted as terminating, so the next pass does not count it.
+    pub fn mark_pod_terminating(&self, key: &ClusterKey, name: &str) {
+        if let Some(mut pods) = self.pods.get_mut(key)
+            && let Some(p) = pods.get_mut(name)
+        {
+            p.value.terminating = true;
+        }
+    }
+
+    /// Drops pods not refreshed since `mark`; returns the clusters that lost pods.
+    pub fn sweep_pods(&self, namespace: Option<&str>, mark: u64) -> Vec<ClusterKey> {
+        let mut touched = Vec::new();
+        for mut e in self.pods.iter_mut() {
+            if namespace.is_some_and(|ns| e.key().namespace != ns) {
+                continue;
+            }
+            let before = e.len();
+            e.retain(|_, p| p.stamp >= mark);
+            if e.len() != before {
+                touched.push(e.key().clone());
+            }
+        }
+        self.pods.retain(|_, m| !m.is_empty());
+        touched
+    }
+
+    // --- head Services (we only need their content hash) ---
+
+    pub fn service_hash(&self, key: &ClusterKey) -> Option<String> {
+        self.services.get(key).map(|s| s.value.clone())
+    }
+
+    pub fn put_service(&self, svc: &Service) -> Option<ClusterKey> {
+        let key = owner_key(&svc.metadata)?;
+        let hash = svc.labels().get(LABEL_LAUNCH_HASH).cloned().unwrap_or_default();
+        let resource_version = rv(svc.metadata.resource_version.as_ref());
+        let stamp = self.stamp();
+        let mut entry = self.services.entry(key.clone()).or_insert_with(|| Stamped {
+            value: hash.clone(),
+            stamp,
+            resource_version,
+        });
+        if fresher(resource_version, entry.resource_version) {
+            *entry = Stamped { value: hash, stamp, resource_version };
+        } else {
+            entry.stamp = stamp;
+        }
+        Some(key)
+    }
+
+    pub fn remove_service(&self, svc: &Service) -> Option<ClusterKey> {
+        let key = owner_key(&svc.metadata)?;
+        self.services.remove(&key);
+        Some(key)
+    }
+
+    pub fn sweep_services(&self, namespace: Option<&str>, mark: u64) -> Vec<ClusterKey> {
+        let stale: Vec<ClusterKey> = self
+            .services
+            .iter()
+            .filter(|e| namespace.is_none_or(|ns| e.key().namespace == ns) && e.stamp < mark)
+            .map(|e| e.key().clone())
+            .collect();
+        for k in &stale {
+            self.services.remove_if(k, |_, v| v.stamp < mark);
+        }
+        stale
+    }
+}

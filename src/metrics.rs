@@ -1,0 +1,138 @@
+//! Prometheus metrics. Labels are bounded (kinds, reasons, shard numbers), never object names, so
+//! thousands of clusters cost no extra series.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(String, String)>;
+
+fn label(k: &str, v: &str) -> Labels {
+    vec![(k.to_string(), v.to_string())]
+}
+
+/// All metrics of the operator, registered under the `ray_operator_` prefix.
+pub struct Metrics {
+    registry: Registry,
+    reconciles: Counter,
+    reconcile_duration: Histogram,
+    errors: Family<Labels, Counter>,
+    clusters_per_shard: Family<Labels, Gauge<i64, std::sync::atomic::AtomicI64>>,
+    leader: Gauge<i64, std::sync::atomic::AtomicI64>,
+    leader_transitions: Counter,
+    created: Family<Labels, Counter>,
+    deleted: Family<Labels, Counter>,
+    writes: Family<Labels, Counter>,
+    autoscaler_decisions: Family<Labels, Counter>,
+    gcs_errors: Counter,
+    _unused: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("ray_operator");
+        let reconciles = Counter::default();
+        let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        let errors = Family::<Labels, Counter>::default();
+        let clusters_per_shard = Family::default();
+        let leader = Gauge::default();
+        let leader_transitions = Counter::default();
+        let created = Family::<Labels, Counter>::default();
+        let deleted = Family::<Labels, Counter>::default();
+        let writes = Family::<Labels, Counter>::default();
+        let autoscaler_decisions = Family::<Labels, Counter>::default();
+        let gcs_errors = Counter::default();
+        registry.register("reconciles", "Reconcile passes run", reconciles.clone());
+        registry.register("reconcile_duration_seconds", "Duration of one reconcile pass", reconcile_duration.clone());
+        registry.register("reconcile_errors", "Failed reconcile passes by reason", errors.clone());
+        registry.register("shard_clusters", "RayClusters owned by each shard", clusters_per_shard.clone());
+        registry.register("leader", "1 while this replica is the leader", leader.clone());
+        registry.register(
+            "leader_transitions",
+            "Times this replica became or stopped being leader",
+            leader_transitions.clone(),
+        );
+        registry.register("children_created", "Child objects created, by kind", created.clone());
+        registry.register("children_deleted", "Child objects deleted, by kind", deleted.clone());
+        registry.register("api_writes", "Write requests to the API server, by target", writes.clone());
+        registry.register(
+            "autoscaler_decisions",
+            "Autoscaler decisions that changed something, by direction",
+            autoscaler_decisions.clone(),
+        );
+        registry.register("gcs_errors", "Failed calls to a Ray head's GCS", gcs_errors.clone());
+        Self {
+            registry,
+            reconciles,
+            reconcile_duration,
+            errors,
+            clusters_per_shard,
+            leader,
+            leader_transitions,
+            created,
+            deleted,
+            writes,
+            autoscaler_decisions,
+            gcs_errors,
+            _unused: AtomicU64::new(0),
+        }
+    }
+
+    pub fn reconciled(&self, seconds: f64) {
+        self.reconciles.inc();
+        self.reconcile_duration.observe(seconds);
+    }
+
+    pub fn reconcile_error(&self, reason: &str) {
+        self.errors.get_or_create(&label("reason", reason)).inc();
+    }
+
+    pub fn shard_clusters(&self, shard: usize, n: usize) {
+        self.clusters_per_shard.get_or_create(&label("shard", &shard.to_string())).set(n as i64);
+    }
+
+    pub fn set_leader(&self, leader: bool) {
+        let old = self.leader.set(i64::from(leader));
+        if old != i64::from(leader) {
+            self.leader_transitions.inc();
+        }
+    }
+
+    pub fn child_created(&self, kind: &str) {
+        self.created.get_or_create(&label("kind", kind)).inc();
+    }
+
+    pub fn child_deleted(&self, kind: &str) {
+        self.deleted.get_or_create(&label("kind", kind)).inc();
+    }
+
+    pub fn api_write(&self, target: &str) {
+        self.writes.get_or_create(&label("target", target)).inc();
+    }
+
+    pub fn autoscaler_decision(&self, direction: &str) {
+        self.autoscaler_decisions.get_or_create(&label("direction", direction)).inc();
+    }
+
+    pub fn gcs_error(&self) {
+        self.gcs_errors.inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,344 @@
+//! Reconciling one RayCluster: desired state ([`desired`]) vs observed ([`crate::cache`]) gives a
+//! [`plan`]; this module carries the plan out against the API server and writes the status.
+//!
+//! The pipeline is dereference → validate/build (pure) → decide (pure) → apply → status. The loop
+//! that calls [`reconcile`] (one controller, or leader-gated shards) is not this module's concern.
+
+pub mod desired;
+pub mod plan;
+pub mod resources;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Api, Client, Resource, ResourceExt};
+use tracing::{debug, info, warn};
+
+use crate::api::{RayCluster, RayClusterStatus};
+use crate::cache::{Cache, ClusterKey};
+use crate::metrics::Metrics;
+use crate::runtime::leader::Fence;
+use desired::{Desired, InvalidSpec, LABEL_LAUNCH_HASH};
+use plan::{Action, Observed};
+
+/// Field manager of every server-side apply and patch we make.
+pub const FIELD_MANAGER: &str = "ray-operator";
+
+/// Errors of one reconcile pass. Each variant's [`Error::reason`] is a bounded metric label.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("API request failed: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("the API server rejected a {kind} built from the spec: {message}")]
+    Rejected { kind: &'static str, message: String },
+    #[error("not writing: this replica is not (or no longer surely) the leader")]
+    Fenced,
+}
+
+impl Error {
+    /// Short, bounded name for metrics and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Kube(kube::Error::Api(s)) if s.code == 403 => "forbidden",
+            Error::Kube(kube::Error::Api(s)) if s.code == 409 => "conflict",
+            Error::Kube(kube::Error::Api(_)) => "api_error",
+            Error::Kube(_) => "transport",
+            Error::Rejected { .. } => "rejected",
+            Error::Fenced => "fenced",
+        }
+    }
+}
+
+/// What the operator shares with every reconcile: the client, the cache, events, metrics, settings.
+pub struct Context {
+    pub client: Client,
+    pub cache: Arc<Cache>,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    /// Most pods one cluster creates in one pass before other clusters of its shard get a turn.
+    pub create_batch: usize,
+    /// Asked before every write: only a leader with a fresh Lease writes.
+    pub fence: Arc<Fence>,
+}
+
+impl Context {
+    fn may_write(&self) -> Result<(), Error> {
+        if self.fence.allowed() { Ok(()) } else { Err(Error::Fenced) }
+    }
+}
+
+/// Per-cluster memory kept by the shard that owns the cluster.
+#[derive(Debug, Default)]
+pub struct ClusterState {
+    /// Consecutive failures, for backoff.
+    pub failures: u32,
+    /// Set when the API server rejected something built from this spec (fingerprint of the spec):
+    /// nothing is retried until the RayCluster changes.
+    pub rejected: Option<String>,
+}
+
+/// What the caller should do next with this cluster.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Nothing until something changes (a watch event wakes us).
+    Idle,
+    /// More work is left (a batch limit was hit): queue again behind the shard's other clusters.
+    Continue,
+    /// Try again after a delay (errors, backoff).
+    After(Duration),
+}
+
+/// Fingerprint of everything that may turn a rejected spec into an accepted one.
+fn spec_fingerprint(cluster: &RayCluster) -> String {
+    format!("{:?}/{:?}", cluster.metadata.generation, cluster.metadata.annotations)
+}
+
+fn event(ctx: &Context, cluster: &RayCluster, type_: EventType, reason: &str, note: String) {
+    if !ctx.fence.allowed() {
+        return;
+    }
+    let recorder = ctx.recorder.clone();
+    let reference = cluster.object_ref(&());
+    let ev = Event { type_, reason: reason.into(), note: Some(note), action: reason.into(), secondary: None };
+    // Events are best effort and must not hold up the reconcile (or its shard) on a slow API server.
+    tokio::spawn(async move {
+        if let Err(e) = recorder.publish(&ev, &reference).await {
+            debug!("event publish failed: {e}");
+        }
+    });
+}
+
+/// One reconcile pass for one cluster.
+pub async fn reconcile(ctx: &Context, key: &ClusterKey, state: &mut ClusterState) -> Result<Next, Error> {
+    let Some(cluster) = ctx.cache.cluster(key) else {
+        return Ok(Next::Idle);
+    };
+    if cluster.metadata.deletion_timestamp.is_some() {
+        // Children go with garbage collection; nothing to do.
+        return Ok(Next::Idle);
+    }
+    let now = Timestamp::now();
+    let pods = ctx.cache.pods(key);
+    let service_hash = ctx.cache.service_hash(key);
+    let observed = Observed {
+        pods: &pods,
+        service_hash: service_hash.as_deref(),
+        status: cluster.status.as_ref(),
+        generation: cluster.metadata.generation,
+    };
+
+    let desired = match desired::desired(&cluster) {
+        Ok(d) => d,
+        Err(invalid) => {
+            let status = plan::error_status(&observed, &invalid, now);
+            if cluster.status.as_ref() != Some(&status) {
+                warn!("{key}: invalid spec: {invalid}");
+                event(ctx, &cluster, EventType::Warning, "InvalidSpec", invalid.to_string());
+                write_status(ctx, &cluster, status).await?;
+            }
+            return Ok(Next::Idle);
+        }
+    };
+    if state.rejected.as_deref() == Some(spec_fingerprint(&cluster).as_str()) {
+        return Ok(Next::Idle);
+    }
+    state.rejected = None;
+
+    let targets = plan::min_worker_targets(&desired, cluster.spec.max_workers());
+    let plan = plan::plan(&desired, &observed, &targets);
+    let mut head_name = None;
+    let mut more = false;
+    let mut budget = ctx.create_batch.max(1);
+    for action in &plan.actions {
+        let result = match action {
+            Action::ApplyService => apply_service(ctx, key, &cluster, &desired).await,
+            Action::CreatePods { worker, count } => {
+                let n = (*count).min(budget);
+                budget -= n;
+                more |= n < *count;
+                let created = create_pods(ctx, key, &cluster, &desired, *worker, n, &plan).await;
+                if worker.is_none()
+                    && let Ok(Some(name)) = &created
+                {
+                    head_name = Some(name.clone());
+                }
+                created.map(|_| ())
+            }
+            Action::DeletePod { name, uid, reason } => {
+                info!("{key}: deleting pod {name} ({})", reason.as_str());
+                delete_pod(ctx, key, name, uid).await.map(|()| {
+                    event(
+                        ctx,
+                        &cluster,
+                        EventType::Normal,
+                        "DeletedPod",
+                        format!("Deleted pod {name} ({})", reason.as_str()),
+                    );
+                })
+            }
+        };
+        match result {
+            Ok(()) => {}
+            Err(Error::Rejected { kind, message }) => {
+                let invalid = InvalidSpec { field: format!("spec.podTypes (the {kind} built from it)"), message };
+                warn!("{key}: the API server rejected a {kind}: {}", invalid.message);
+                event(ctx, &cluster, EventType::Warning, "InvalidSpec", invalid.to_string());
+                state.rejected = Some(spec_fingerprint(&cluster));
+                let status = plan::error_status(&observed, &invalid, now);
+                if cluster.status.as_ref() != Some(&status) {
+                    write_status(ctx, &cluster, status).await?;
+                }
+                return Ok(Next::Idle);
+            }
+            Err(e) => return Err(e),
+        }
+        if budget == 0 && more {
+            break;
+        }
+    }
+
+    if plan.head_recovery {
+        info!("{key}: head pod failed or was deleted; recreating it (autoscalerRetries + 1)");
+    }
+    // Recompute from the cache after our writes (write-through), so the status counts what now exists.
+    let pods_after = ctx.cache.pods(key);
+    let observed_after = Observed { pods: &pods_after, ..observed };
+    let status = plan::status(&desired, &observed_after, &targets, &plan, head_name, now);
+    if cluster.status.as_ref() != Some(&status) {
+        if cluster.status.as_ref().and_then(|s| s.phase) != status.phase {
+            info!(
+                "{key}: phase {} -> {}",
+                cluster.status.as_ref().and_then(|s| s.phase).map_or("<none>", |p| p.as_str()),
+                status.phase.map_or("<none>", |p| p.as_str())
+            );
+        }
+        write_status(ctx, &cluster, status).await?;
+    }
+    state.failures = 0;
+    Ok(if more { Next::Continue } else { Next::Idle })
+}
+
+async fn write_status(ctx: &Context, cluster: &RayCluster, status: RayClusterStatus) -> Result<(), Error> {
+    ctx.may_write()?;
+    let api: Api<RayCluster> = Api::namespaced(ctx.client.clone(), &cluster.namespace().unwrap_or_default());
+    let patch = serde_json::json!({ "status": status });
+    let updated = api.patch_status(&cluster.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    ctx.metrics.api_write("status");
+    ctx.cache.put_cluster(updated);
+    Ok(())
+}
+
+async fn apply_service(ctx: &Context, key: &ClusterKey, cluster: &RayCluster, desired: &Desired) -> Result<(), Error> {
+    let mut svc: Service = desired.service.clone();
+    svc.metadata.labels.get_or_insert_with(BTreeMap::new).insert(LABEL_LAUNCH_HASH.into(), plan::service_hash(desired));
+    let name = svc.name_any();
+    let api: Api<Service> = Api::namespaced(ctx.client.clone(), &key.namespace);
+    let existed = ctx.cache.service_hash(key).is_some();
+    ctx.may_write()?;
+    let mut value =
+        serde_json::to_value(&svc).map_err(|e| Error::Rejected { kind: "Service", message: e.to_string() })?;
+    value["apiVersion"] = "v1".into();
+    value["kind"] = "Service".into();
+    let applied = api
+        .patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&value))
+        .await
+        .map_err(|e| rejected_or(e, "Service"))?;
+    ctx.metrics.api_write("service");
+    ctx.cache.put_service(&applied);
+    let verb = if existed { "updated" } else { "created" };
+    info!("{key}: {verb} head service {name}");
+    event(
+        ctx,
+        cluster,
+        EventType::Normal,
+        if existed { "UpdatedService" } else { "CreatedService" },
+        format!("{verb} head service {name}"),
+    );
+    Ok(())
+}
+
+/// 400/422 from a create means the object we built from the user's spec is invalid: that is the
+/// user's to fix, not ours to retry.
+fn rejected_or(e: kube::Error, kind: &'static str) -> Error {
+    match &e {
+        kube::Error::Api(s) if s.code == 422 || s.code == 400 => Error::Rejected { kind, message: s.message.clone() },
+        _ => Error::Kube(e),
+    }
+}
+
+/// Creates `n` pods of one template concurrently; returns the last created pod's name.
+async fn create_pods(
+    ctx: &Context,
+    key: &ClusterKey,
+    cluster: &RayCluster,
+    desired: &Desired,
+    worker: Option<usize>,
+    n: usize,
+    plan: &plan::Plan,
+) -> Result<Option<String>, Error> {
+    let template = match worker {
+        None => &desired.head,
+        Some(i) => match desired.workers.get(i) {
+            Some(t) => t,
+            None => return Ok(None),
+        },
+    };
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &key.namespace);
+    let pp = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+    ctx.may_write()?;
+    let results = join_all((0..n).map(|_| api.create(&pp, &template.pod))).await;
+    let mut names = Vec::new();
+    let mut first_err = None;
+    for r in results {
+        match r {
+            Ok(pod) => {
+                ctx.cache.put_pod(&pod);
+                ctx.metrics.child_created("pod");
+                names.push(pod.name_any());
+            }
+            Err(e) => {
+                if first_err.is_none() {
+                    first_err = Some(rejected_or(e, "Pod"));
+                }
+            }
+        }
+    }
+    if !names.is_empty() {
+        let what = match worker {
+            None if plan.head_recovery => "replacement head pod".to_string(),
+            None => "head pod".to_string(),
+            Some(_) => format!("{} worker pod(s) of type {}", names.len(), template.type_name),
+        };
+        info!("{key}: created {what}: {}", names.join(", "));
+        let reason = if worker.is_none() { "CreatedHeadPod" } else { "CreatedWorkerPods" };
+        event(ctx, cluster, EventType::Normal, reason, format!("Created {what}: {}", names.join(", ")));
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(names.pop()),
+    }
+}
+
+async fn delete_pod(ctx: &Context, key: &ClusterKey, name: &str, uid: &str) -> Result<(), Error> {
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &key.namespace);
+    // The UID precondition makes sure we delete exactly the pod we decided about, never a
+    // same-named successor.
+    let dp = DeleteParams {
+        preconditions: Some(Preconditions { uid: Some(uid.into()), resource_version: None }),
+        ..Default::default()
+    };
+    ctx.may_write()?;
+    match api.delete(name, &dp).await {
+        Ok(_) => ctx.metrics.child_deleted("pod"),
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+        Err(e) => return Err(e.into()),
+    }
+    ctx.cache.mark_pod_terminating(key, name);
+    Ok(())
+}

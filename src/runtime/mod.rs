@@ -1,0 +1,200 @@
+//! The operator process: watches (always, so standbys keep warm caches), leader election, shards
+//! (only on the leader), the health server, and shutdown.
+//!
+//! SIGTERM: readiness goes false, shards finish their in-flight reconcile and stop, the Lease is
+//! released, and the process exits — well inside the pod's grace period. A second signal exits at once.
+
+pub mod health;
+pub mod leader;
+pub mod shards;
+pub mod watch;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use kube::Client;
+use kube::runtime::events::{Recorder, Reporter};
+use tokio::sync::mpsc::unbounded_channel;
+use tokio::sync::watch as tokio_watch;
+use tracing::{info, warn};
+
+use crate::cache::Cache;
+use crate::metrics::Metrics;
+use crate::reconciler::Context;
+use leader::{Fence, LeaderConfig};
+use shards::Shards;
+use watch::{Change, Scope};
+
+/// Everything `ray-operator run` needs.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub scope: Scope,
+    /// `None`: no leader election (a single local replica).
+    pub leader: Option<LeaderConfig>,
+    pub shards: usize,
+    pub create_batch: usize,
+    pub health_addr: SocketAddr,
+    /// Reported in Events (`reportingInstance`).
+    pub instance: String,
+}
+
+/// Runs the operator until SIGTERM/SIGINT.
+pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let cache = Arc::new(Cache::new());
+    let (shutdown_tx, shutdown_rx) = tokio_watch::channel(false);
+    let shutting_down = Arc::new(AtomicBool::new(false));
+
+    let (notify_tx, mut notify_rx) = unbounded_channel();
+    let watch_health = watch::spawn(client.clone(), cache.clone(), &settings.scope, notify_tx);
+
+    health::spawn(
+        settings.health_addr,
+        metrics.clone(),
+        watch_health.clone(),
+        shutting_down.clone(),
+        shutdown_rx.clone(),
+    )
+    .await?;
+
+    let fence = Arc::new(match settings.leader {
+        Some(_) => Fence::default(),
+        None => Fence::always(),
+    });
+    let (leading_tx, mut leading_rx) = tokio_watch::channel(settings.leader.is_none());
+    let election = settings
+        .leader
+        .clone()
+        .map(|cfg| tokio::spawn(leader::run(client.clone(), cfg, fence.clone(), leading_tx, shutdown_rx.clone())));
+
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        cache: cache.clone(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter { controller: "ray-operator".into(), instance: Some(settings.instance.clone()) },
+        ),
+        metrics: metrics.clone(),
+        create_batch: settings.create_batch,
+        fence: fence.clone(),
+    });
+
+    let mut signals = Signals::new()?;
+    let mut election_alive = true;
+    let mut shards: Option<Shards> = None;
+    let mut leading = *leading_rx.borrow();
+    metrics.set_leader(leading);
+    if leading {
+        shards = Some(become_leader(&ctx, &settings, &client, &watch_health).await);
+    }
+    loop {
+        tokio::select! {
+            change = notify_rx.recv() => {
+                let Some(change) = change else { break };
+                if let Some(s) = &shards {
+                    match change {
+                        Change::Cluster(k) => s.reconcile(k),
+                        Change::Deleted(k) => s.forget(k),
+                    }
+                }
+            }
+            r = leading_rx.changed(), if election_alive => {
+                if r.is_err() {
+                    // No election (single replica) or it ended: leadership is fixed from here on.
+                    election_alive = false;
+                    continue;
+                }
+                let now = *leading_rx.borrow_and_update();
+                if now == leading { continue; }
+                leading = now;
+                metrics.set_leader(leading);
+                if leading {
+                    shards = Some(become_leader(&ctx, &settings, &client, &watch_health).await);
+                } else if let Some(s) = shards.take() {
+                    // Lost or fenced: stop at once; the next leader rebuilds from the API server.
+                    s.abort();
+                    info!("standing by; all shards dropped");
+                }
+            }
+            _ = signals.recv() => {
+                info!("shutdown requested: stopping shards, then releasing leadership");
+                break;
+            }
+        }
+    }
+
+    shutting_down.store(true, Ordering::SeqCst);
+    // A second signal during the graceful stop exits at once.
+    tokio::spawn(async move {
+        signals.recv().await;
+        warn!("second signal: exiting now");
+        std::process::exit(130);
+    });
+    if let Some(s) = shards.take()
+        && tokio::time::timeout(Duration::from_secs(10), s.stop()).await.is_err()
+    {
+        warn!("shards did not stop within 10s");
+    }
+    let _ = shutdown_tx.send(true);
+    if let Some(e) = election {
+        let _ = e.await;
+    }
+    if let Some(cfg) = &settings.leader
+        && leading
+    {
+        leader::release(client.clone(), cfg).await;
+    }
+    metrics.set_leader(false);
+    info!("stopped");
+    Ok(())
+}
+
+async fn become_leader(
+    ctx: &Arc<Context>,
+    settings: &Settings,
+    client: &Client,
+    watches: &watch::WatchHealth,
+) -> Shards {
+    // A leader acting on a half-filled cache would create pods that already exist.
+    let mut waited = 0u32;
+    while !watches.all_synced() {
+        if waited.is_multiple_of(100) && waited > 0 {
+            info!("leader waiting for caches to sync");
+        }
+        waited += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let s = Shards::start(ctx.clone(), settings.shards);
+    // Every known cluster gets a pass: level-based, so anything already right causes no write.
+    for k in ctx.cache.cluster_keys() {
+        s.reconcile(k);
+    }
+    info!("leading: {} shards, {} clusters", settings.shards, ctx.cache.cluster_count());
+    if let Some(cfg) = settings.leader.clone() {
+        let client = client.clone();
+        tokio::spawn(async move { leader::label_leader_pod(client, &cfg).await });
+    }
+    s
+}
+
+/// SIGTERM and SIGINT as one stream.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}
