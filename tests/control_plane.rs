@@ -10,7 +10,9 @@ use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
+};
 use kube::{Api, ResourceExt};
 use support::*;
 
@@ -82,9 +84,7 @@ async fn service_account_token_is_bound_by_rbac() {
     let ns = TestNamespace::new(&client, "cp-rbac").await;
     let other = TestNamespace::new(&client, "cp-rbac-other").await;
     let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns.name);
-    sas.create(&PostParams::default(), &from_json(serde_json::json!({"metadata": {"name": "reader"}})))
-        .await
-        .unwrap();
+    sas.create(&PostParams::default(), &from_json(serde_json::json!({"metadata": {"name": "reader"}}))).await.unwrap();
     apply_yaml(
         &ns.name,
         &format!(

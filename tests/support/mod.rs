@@ -32,7 +32,8 @@ fn repo() -> PathBuf {
 pub fn control_plane() -> &'static ControlPlane {
     static CP: OnceLock<ControlPlane> = OnceLock::new();
     CP.get_or_init(|| {
-        if let (Ok(k), Ok(b)) = (std::env::var("RAY_OPERATOR_TEST_KUBECONFIG"), std::env::var("RAY_OPERATOR_TEST_BIN")) {
+        if let (Ok(k), Ok(b)) = (std::env::var("RAY_OPERATOR_TEST_KUBECONFIG"), std::env::var("RAY_OPERATOR_TEST_BIN"))
+        {
             return ControlPlane { kubeconfig: k.into(), bin: b.into() };
         }
         let dir = std::env::temp_dir().join(format!("ray-operator-test-cp-{}", std::process::id()));
@@ -94,12 +95,7 @@ pub fn kubectl() -> Command {
 /// Runs kubectl and returns stdout; panics with stderr on failure.
 pub fn kubectl_ok(args: &[&str]) -> String {
     let out = kubectl().args(args).output().expect("run kubectl");
-    assert!(
-        out.status.success(),
-        "kubectl {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "kubectl {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
