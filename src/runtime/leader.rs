@@ -178,8 +178,15 @@ pub async fn run(
                 wait = until_expiry(&lease).map_or(cfg.renew_every, |d| d.min(cfg.renew_every));
             }
             Ok(Err(e)) => {
-                warn!("lease renew failed: {e}");
-                wait = Duration::from_millis(500);
+                let msg = e.to_string();
+                // Two replicas creating the Lease at once: the loser just reads it next time.
+                if msg.contains("AlreadyExists") || msg.contains("Conflict") {
+                    debug!("lease race: {msg}");
+                    wait = Duration::from_millis(50);
+                } else {
+                    warn!("lease renew failed: {e}");
+                    wait = Duration::from_millis(500);
+                }
             }
             Err(_) => {
                 warn!("lease renew timed out");

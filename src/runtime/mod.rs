@@ -27,6 +27,9 @@ use leader::{Fence, LeaderConfig};
 use shards::Shards;
 use watch::{Change, Scope};
 
+/// How long a stopping replica keeps answering `/readyz` with 503 after releasing the Lease.
+const SHUTDOWN_LINGER: Duration = Duration::from_millis(500);
+
 /// Everything `ray-operator run` needs.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -50,14 +53,10 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     let (notify_tx, mut notify_rx) = unbounded_channel();
     let watch_health = watch::spawn(client.clone(), cache.clone(), &settings.scope, notify_tx);
 
-    health::spawn(
-        settings.health_addr,
-        metrics.clone(),
-        watch_health.clone(),
-        shutting_down.clone(),
-        shutdown_rx.clone(),
-    )
-    .await?;
+    // The health server lives until the process exits (it must answer 503 while we shut down).
+    let (_health_stop, health_stop_rx) = tokio_watch::channel(false);
+    health::spawn(settings.health_addr, metrics.clone(), watch_health.clone(), shutting_down.clone(), health_stop_rx)
+        .await?;
 
     let fence = Arc::new(match settings.leader {
         Some(_) => Fence::default(),
@@ -141,12 +140,15 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     if let Some(e) = election {
         let _ = e.await;
     }
-    if let Some(cfg) = &settings.leader
-        && leading
-    {
+    // Release even if we never started leading: the Lease may have been won just before the signal.
+    // step_down only releases a Lease we hold.
+    if let Some(cfg) = &settings.leader {
         leader::release(client.clone(), cfg).await;
     }
     metrics.set_leader(false);
+    // Stay unready a moment before exiting, so probes and endpoints observe the shutdown; the
+    // Lease is already released, so this does not delay the hand-over.
+    tokio::time::sleep(SHUTDOWN_LINGER).await;
     info!("stopped");
     Ok(())
 }

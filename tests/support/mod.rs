@@ -28,6 +28,53 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A control plane of one's own (for tests that must not share the API server, e.g. a cluster-wide
+/// operator that would otherwise see every other test's clusters). Stopped on drop.
+pub struct PrivateControlPlane {
+    pub cp: ControlPlane,
+    dir: PathBuf,
+}
+
+impl PrivateControlPlane {
+    pub fn start() -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("ray-operator-private-cp-{}-{}", std::process::id(), random_suffix()));
+        let out = Command::new(repo().join("e2e/cluster"))
+            .arg("up")
+            .env("CP_DIR", &dir)
+            .env("CP_OWNER_PID", std::process::id().to_string())
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run e2e/cluster up");
+        assert!(out.status.success(), "e2e/cluster up failed");
+        let bin = control_plane().bin.clone();
+        Self { cp: ControlPlane { kubeconfig: dir.join("admin.kubeconfig"), bin }, dir }
+    }
+
+    pub async fn client(&self) -> Client {
+        let kc = Kubeconfig::read_from(&self.cp.kubeconfig).expect("read kubeconfig");
+        let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.expect("kubeconfig");
+        Client::try_from(config).expect("client")
+    }
+
+    pub fn kubectl(&self) -> Command {
+        let mut c = Command::new(self.cp.bin.join("kubectl"));
+        c.env("KUBECONFIG", &self.cp.kubeconfig);
+        c
+    }
+}
+
+impl Drop for PrivateControlPlane {
+    fn drop(&mut self) {
+        let _ = Command::new(repo().join("e2e/cluster")).arg("down").env("CP_DIR", &self.dir).status();
+    }
+}
+
+/// The API server's audit log of the shared control plane (every write, with user agent).
+pub fn audit_log() -> PathBuf {
+    control_plane().kubeconfig.parent().unwrap().join("audit.log")
+}
+
 /// The control plane of this test run.
 pub fn control_plane() -> &'static ControlPlane {
     static CP: OnceLock<ControlPlane> = OnceLock::new();
