@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::reconciler::AutoscalerSettings;
 use crate::runtime::Settings;
 use crate::runtime::leader::LeaderConfig;
 use crate::runtime::watch::Scope;
@@ -90,6 +91,18 @@ pub struct RunArgs {
     #[arg(long, env = "RAY_OPERATOR_CREATE_BATCH", default_value_t = 20)]
     pub create_batch: usize,
 
+    /// How often the autoscaler reads each cluster's demand from its head's GCS.
+    #[arg(long, env = "RAY_OPERATOR_AUTOSCALER_INTERVAL", value_parser = parse_seconds, default_value = "1")]
+    pub autoscaler_interval: Duration,
+
+    /// Timeout of every call to a head's GCS.
+    #[arg(long, env = "RAY_OPERATOR_GCS_TIMEOUT", value_parser = parse_seconds, default_value = "2")]
+    pub gcs_timeout: Duration,
+
+    /// Disable the autoscaler: every worker type is kept at its minWorkers.
+    #[arg(long, env = "RAY_OPERATOR_NO_AUTOSCALER")]
+    pub no_autoscaler: bool,
+
     /// Address of the health and metrics server.
     #[arg(long, env = "RAY_OPERATOR_HEALTH_ADDR", default_value = "0.0.0.0:8080")]
     pub health_addr: SocketAddr,
@@ -143,6 +156,8 @@ impl RunArgs {
             leader,
             shards: self.shards.max(1),
             create_batch: self.create_batch.max(1),
+            autoscaler: (!self.no_autoscaler)
+                .then_some(AutoscalerSettings { interval: self.autoscaler_interval, timeout: self.gcs_timeout }),
             health_addr: self.health_addr,
             instance: self.pod_name.clone().unwrap_or_else(|| "ray-operator".into()),
         })

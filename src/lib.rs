@@ -14,6 +14,7 @@ pub mod autoscaler;
 pub mod cache;
 pub mod cli;
 pub mod metrics;
+pub mod ray;
 pub mod reconciler;
 pub mod runtime;
 pub mod telemetry;

@@ -3,3 +3,5 @@
 
 pub mod decision;
 pub mod fixture;
+pub mod link;
+pub mod scale;

@@ -21,6 +21,8 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
 use crate::api::{RayCluster, RayClusterStatus};
+use crate::autoscaler::link::{DrainState, LinkHealth, RayLink, Waker};
+use crate::autoscaler::scale;
 use crate::cache::{Cache, ClusterKey};
 use crate::metrics::Metrics;
 use crate::runtime::leader::Fence;
@@ -65,7 +67,22 @@ pub struct Context {
     pub create_batch: usize,
     /// Asked before every write: only a leader with a fresh Lease writes.
     pub fence: Arc<Fence>,
+    /// How the autoscaler talks to Ray; `None` keeps every type at `minWorkers`.
+    pub autoscaler: Option<AutoscalerSettings>,
 }
+
+/// Autoscaler timing.
+#[derive(Clone, Debug)]
+pub struct AutoscalerSettings {
+    /// How often each cluster's GCS is read.
+    pub interval: Duration,
+    /// Timeout of every GCS call.
+    pub timeout: Duration,
+}
+
+/// Annotation overriding the GCS address (`host:port`), e.g. when the operator runs outside the
+/// Kubernetes cluster. Our own annotations never count as the user's "restart" annotation.
+pub const GCS_ADDRESS_ANNOTATION: &str = "cluster.ray.io/gcs-address";
 
 impl Context {
     fn may_write(&self) -> Result<(), Error> {
@@ -74,13 +91,21 @@ impl Context {
 }
 
 /// Per-cluster memory kept by the shard that owns the cluster.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct ClusterState {
     /// Consecutive failures, for backoff.
     pub failures: u32,
     /// Set when the API server rejected something built from this spec (fingerprint of the spec):
     /// nothing is retried until the RayCluster changes.
     pub rejected: Option<String>,
+    /// The connection to the head's GCS while the head runs.
+    pub link: Option<RayLink>,
+    /// Wakes this cluster's reconcile in its shard (given to the link).
+    pub wake: Option<Waker>,
+    /// Workers wanted per type, moved only by autoscaler decisions (launches add, drains subtract)
+    /// and clamped to the type's bounds. Kept here rather than recounted from pods, because during
+    /// a rolling replacement old and new pods of one logical worker both exist.
+    pub targets: std::collections::BTreeMap<String, u32>,
 }
 
 /// What the caller should do next with this cluster.
@@ -150,8 +175,25 @@ pub async fn reconcile(ctx: &Context, key: &ClusterKey, state: &mut ClusterState
     }
     state.rejected = None;
 
-    let targets = plan::min_worker_targets(&desired, cluster.spec.max_workers());
-    let plan = plan::plan(&desired, &observed, &targets);
+    let auto = autoscale(ctx, key, &cluster, &desired, &pods, state);
+    let plan_pods: Vec<plan::ObservedPod> = pods.iter().filter(|p| !auto.draining.contains(&p.name)).cloned().collect();
+    let observed = Observed { pods: &plan_pods, ..observed };
+    let targets = auto.targets.clone();
+    let mut plan = plan::plan(&desired, &observed, &targets);
+    for name in &auto.delete {
+        if let Some(p) = pods.iter().find(|p| &p.name == name) {
+            plan.actions.push(Action::DeletePod {
+                name: p.name.clone(),
+                uid: p.uid.clone(),
+                reason: plan::DeleteReason::Drained,
+            });
+        }
+    }
+    if let Some(summary) = &auto.summary {
+        info!("{key}: {summary}");
+        event(ctx, &cluster, EventType::Normal, "Autoscaled", summary.clone());
+        ctx.metrics.autoscaler_decision(if auto.scaled_up { "up" } else { "down" });
+    }
     let mut head_name = None;
     let mut more = false;
     let mut budget = ctx.create_batch.max(1);
@@ -207,9 +249,13 @@ pub async fn reconcile(ctx: &Context, key: &ClusterKey, state: &mut ClusterState
         info!("{key}: head pod failed or was deleted; recreating it (autoscalerRetries + 1)");
     }
     // Recompute from the cache after our writes (write-through), so the status counts what now exists.
-    let pods_after = ctx.cache.pods(key);
+    let pods_after: Vec<plan::ObservedPod> =
+        ctx.cache.pods(key).into_iter().filter(|p| !auto.draining.contains(&p.name)).collect();
     let observed_after = Observed { pods: &pods_after, ..observed };
-    let status = plan::status(&desired, &observed_after, &targets, &plan, head_name, now);
+    let mut status = plan::status(&desired, &observed_after, &targets, &plan, head_name, now);
+    if let Some(c) = auto.condition {
+        plan::set_condition(&mut status, cluster.status.as_ref(), c, now);
+    }
     if cluster.status.as_ref() != Some(&status) {
         if cluster.status.as_ref().and_then(|s| s.phase) != status.phase {
             info!(
@@ -221,7 +267,15 @@ pub async fn reconcile(ctx: &Context, key: &ClusterKey, state: &mut ClusterState
         write_status(ctx, &cluster, status).await?;
     }
     state.failures = 0;
-    Ok(if more { Next::Continue } else { Next::Idle })
+    Ok(if more {
+        Next::Continue
+    } else if let (Some(a), Some(_)) = (&ctx.autoscaler, &state.link) {
+        // Idle timers advance without any event: look again each interval (no API calls unless
+        // something changes).
+        Next::After(a.interval)
+    } else {
+        Next::Idle
+    })
 }
 
 async fn write_status(ctx: &Context, cluster: &RayCluster, status: RayClusterStatus) -> Result<(), Error> {
@@ -341,4 +395,165 @@ async fn delete_pod(ctx: &Context, key: &ClusterKey, name: &str, uid: &str) -> R
     }
     ctx.cache.mark_pod_terminating(key, name);
     Ok(())
+}
+
+/// The autoscaler's part of a reconcile pass.
+struct Autoscale {
+    targets: plan::Targets,
+    /// Pods being drained: not counted, not touched by the plan.
+    draining: std::collections::BTreeSet<String>,
+    /// Drained pods to delete.
+    delete: Vec<String>,
+    summary: Option<String>,
+    scaled_up: bool,
+    /// The AutoscalerHealthy condition: (ok, reason, message).
+    condition: Option<(bool, &'static str, String)>,
+}
+
+/// The GCS address of a cluster: the override annotation, else the head Service's `gcs` port.
+pub fn gcs_address(cluster: &RayCluster, desired: &Desired) -> String {
+    if let Some(a) = cluster.annotations().get(GCS_ADDRESS_ANNOTATION).filter(|a| !a.is_empty()) {
+        return a.clone();
+    }
+    format!(
+        "{}.{}.svc:{}",
+        desired::head_service_name(&cluster.name_any()),
+        cluster.namespace().unwrap_or_default(),
+        desired.gcs_port
+    )
+}
+
+fn autoscale(
+    ctx: &Context,
+    key: &ClusterKey,
+    cluster: &RayCluster,
+    desired: &Desired,
+    pods: &[plan::ObservedPod],
+    state: &mut ClusterState,
+) -> Autoscale {
+    // Initialise remembered targets from what exists (old and new pods of a type count once).
+    for t in &desired.workers {
+        let live = |current: bool| {
+            pods.iter()
+                .filter(|p| {
+                    p.kind == desired::NodeKind::Worker
+                        && p.type_name == t.type_name
+                        && !p.terminating
+                        && p.phase != plan::PodPhase::Finished
+                        && (p.hash == t.hash) == current
+                })
+                .count() as u32
+        };
+        let target = state.targets.entry(t.type_name.clone()).or_insert_with(|| live(true).max(live(false)));
+        *target = (*target).clamp(t.min_workers, t.max_workers.max(t.min_workers));
+    }
+    state.targets.retain(|k, _| desired.workers.iter().any(|t| &t.type_name == k));
+    let remembered = plan::Targets { workers: state.targets.clone(), allow_scale_down: false };
+    let hold = |draining, condition| Autoscale {
+        targets: remembered.clone(),
+        draining,
+        delete: vec![],
+        summary: None,
+        scaled_up: false,
+        condition,
+    };
+    let Some(settings) = &ctx.autoscaler else {
+        return Autoscale {
+            targets: plan::min_worker_targets(desired, cluster.spec.max_workers()),
+            draining: Default::default(),
+            delete: vec![],
+            summary: None,
+            scaled_up: false,
+            condition: None,
+        };
+    };
+    let head_running = pods.iter().any(|p| {
+        p.kind == desired::NodeKind::Head
+            && !p.terminating
+            && p.phase == plan::PodPhase::Running
+            && p.hash == desired.head.hash
+    });
+    if !head_running {
+        state.link = None;
+        return hold(Default::default(), Some((false, "HeadNotRunning", "waiting for the head pod to run".into())));
+    }
+    let addr = gcs_address(cluster, desired);
+    if state.link.as_ref().is_none_or(|l| l.addr() != addr) {
+        let wake = state.wake.clone().unwrap_or_else(|| Arc::new(|| {}));
+        debug!("{key}: connecting to GCS at {addr}");
+        state.link = Some(RayLink::start(
+            key.to_string(),
+            addr.clone(),
+            settings.interval,
+            settings.timeout,
+            ctx.metrics.clone(),
+            wake,
+        ));
+    }
+    let Some(link) = state.link.as_ref() else {
+        return hold(Default::default(), None);
+    };
+    // Forget drains of pods that are gone, and rejected ones (the node got work: keep it).
+    let names: std::collections::BTreeSet<&str> = pods.iter().map(|p| p.name.as_str()).collect();
+    link.retain_drains(|pod, st| names.contains(pod) && !matches!(st, DrainState::Rejected(_)));
+    let drains = link.drains();
+    let draining: std::collections::BTreeSet<String> = drains.keys().cloned().collect();
+    let accepted: std::collections::BTreeSet<String> =
+        drains.iter().filter(|(_, st)| **st == DrainState::Accepted).map(|(k, _)| k.clone()).collect();
+
+    let max_age = settings.interval * 3 + settings.timeout;
+    let Some(snapshot) = link.snapshot(max_age) else {
+        // No fresh view of Ray: never scale down, keep what exists (at least minWorkers).
+        // While (re)connecting, keep whatever the condition said: an operator restart must not
+        // rewrite the status of every cluster.
+        let condition = match link.health() {
+            LinkHealth::Unhealthy { reason, message } => {
+                Some((false, gcs_reason(reason), format!("GCS at {addr}: {message}")))
+            }
+            _ => None,
+        };
+        return hold(draining, condition);
+    };
+    let idle_ms = i64::from(cluster.spec.idle_timeout_minutes()) * 60_000;
+    match scale::decide(&cluster.spec, desired, pods, &snapshot, &accepted, idle_ms, std::time::SystemTime::now()) {
+        Ok(s) => {
+            for d in &s.drain {
+                info!("{key}: draining idle worker {} (Ray node {})", d.pod, d.node_id);
+                link.drain(&d.pod, &d.node_id);
+            }
+            link.report(s.report.clone());
+            for t in &desired.workers {
+                let launch = s.launches.get(&t.type_name).copied().unwrap_or(0);
+                let drained = s.drain.iter().filter(|d| d.type_name == t.type_name).count() as u32;
+                if let Some(target) = state.targets.get_mut(&t.type_name) {
+                    *target = (*target + launch)
+                        .saturating_sub(drained)
+                        .clamp(t.min_workers, t.max_workers.max(t.min_workers));
+                }
+            }
+            let mut draining = draining;
+            draining.extend(s.drain.iter().map(|d| d.pod.clone()));
+            Autoscale {
+                targets: plan::Targets { workers: state.targets.clone(), allow_scale_down: false },
+                draining,
+                delete: s.delete,
+                scaled_up: !s.launches.is_empty(),
+                summary: s.summary,
+                condition: Some((true, "GcsReachable", format!("reading demand from the GCS at {addr}"))),
+            }
+        }
+        Err(e) => {
+            warn!("{key}: autoscaler decision failed: {e}");
+            hold(draining, Some((false, "DecisionFailed", e.to_string())))
+        }
+    }
+}
+
+/// Condition reason for a bounded GCS error reason.
+fn gcs_reason(reason: &str) -> &'static str {
+    match reason {
+        "unreachable" | "connect" => "GcsUnreachable",
+        "timeout" => "GcsTimeout",
+        _ => "GcsError",
+    }
 }

@@ -62,6 +62,8 @@ pub enum DeleteReason {
     Excess,
     /// Its pod type no longer exists.
     Orphaned,
+    /// The autoscaler drained its idle Ray node.
+    Drained,
 }
 
 impl DeleteReason {
@@ -71,6 +73,7 @@ impl DeleteReason {
             DeleteReason::Finished => "finished",
             DeleteReason::Excess => "excess",
             DeleteReason::Orphaned => "pod type removed",
+            DeleteReason::Drained => "idle, drained",
         }
     }
 }
@@ -357,4 +360,22 @@ pub fn error_status(observed: &Observed<'_>, err: &InvalidSpec, now: Timestamp) 
         message: Some(message),
         ..old
     }
+}
+
+/// Sets (or replaces) one condition, keeping its transition time when its status is unchanged.
+pub fn set_condition(
+    status: &mut RayClusterStatus,
+    old: Option<&RayClusterStatus>,
+    (ok, reason, message): (bool, &str, String),
+    now: Timestamp,
+) {
+    const TYPE: &str = "AutoscalerHealthy";
+    let mut c = condition(TYPE, ok, reason, message, status.observed_generation, now);
+    if let Some(prev) = old.and_then(|o| o.conditions.iter().find(|p| p.type_ == TYPE))
+        && prev.status == c.status
+    {
+        c.last_transition_time = prev.last_transition_time.clone();
+    }
+    status.conditions.retain(|x| x.type_ != TYPE);
+    status.conditions.push(c);
 }

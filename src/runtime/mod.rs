@@ -22,7 +22,7 @@ use tracing::{info, warn};
 
 use crate::cache::Cache;
 use crate::metrics::Metrics;
-use crate::reconciler::Context;
+use crate::reconciler::{AutoscalerSettings, Context};
 use leader::{Fence, LeaderConfig};
 use shards::Shards;
 use watch::{Change, Scope};
@@ -38,6 +38,8 @@ pub struct Settings {
     pub leader: Option<LeaderConfig>,
     pub shards: usize,
     pub create_batch: usize,
+    /// `None`: no autoscaler (every worker type stays at `minWorkers`).
+    pub autoscaler: Option<AutoscalerSettings>,
     pub health_addr: SocketAddr,
     /// Reported in Events (`reportingInstance`).
     pub instance: String,
@@ -78,6 +80,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         create_batch: settings.create_batch,
         fence: fence.clone(),
+        autoscaler: settings.autoscaler.clone(),
     });
 
     let mut signals = Signals::new()?;

@@ -54,7 +54,7 @@ impl Shards {
         let shards = DashMap::new();
         for id in 0..count {
             let (tx, rx) = unbounded_channel();
-            let task = tokio::spawn(run_shard(id, ctx.clone(), rx, stop_rx.clone()));
+            let task = tokio::spawn(run_shard(id, ctx.clone(), tx.clone(), rx, stop_rx.clone()));
             shards.insert(id, Shard { tx, task });
         }
         Self { shards, count, stop }
@@ -99,7 +99,13 @@ fn backoff(failures: u32) -> Duration {
     Duration::from_millis(base + u64::from(nanos) % (base / 2 + 1))
 }
 
-async fn run_shard(id: usize, ctx: Arc<Context>, mut rx: UnboundedReceiver<Msg>, mut stop: watch::Receiver<bool>) {
+async fn run_shard(
+    id: usize,
+    ctx: Arc<Context>,
+    tx: UnboundedSender<Msg>,
+    mut rx: UnboundedReceiver<Msg>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut queue: VecDeque<ClusterKey> = VecDeque::new();
     let mut queued: HashSet<ClusterKey> = HashSet::new();
     let mut timers: BTreeMap<(Instant, u64), ClusterKey> = BTreeMap::new();
@@ -143,7 +149,14 @@ async fn run_shard(id: usize, ctx: Arc<Context>, mut rx: UnboundedReceiver<Msg>,
                 }
                 continue;
             }
-            let state = states.entry(key.clone()).or_default();
+            let state = states.entry(key.clone()).or_insert_with(|| {
+                // The cluster's GCS link wakes it here when Ray's state changes.
+                let (tx, k) = (tx.clone(), key.clone());
+                ClusterState {
+                    wake: Some(Arc::new(move || drop(tx.send(Msg::Reconcile(k.clone()))))),
+                    ..Default::default()
+                }
+            });
             let started = Instant::now();
             let result = reconciler::reconcile(&ctx, &key, state).await;
             ctx.metrics.reconciled(started.elapsed().as_secs_f64());

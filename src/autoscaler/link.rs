@@ -1,0 +1,239 @@
+//! The connection from one RayCluster to its head's GCS: a task that polls the cluster state,
+//! sends drains and reports, and wakes the cluster's reconcile when something changed.
+//!
+//! It runs beside the shard, not in it, so a slow or unreachable GCS never holds up the other
+//! clusters of the shard: the reconcile only reads the latest snapshot.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::metrics::Metrics;
+use crate::ray::{AutoscalingReport, ClusterState, DrainReason, GcsClient, RayError};
+
+/// Wakes the owning shard to reconcile this cluster.
+pub type Waker = Arc<dyn Fn() + Send + Sync>;
+
+/// Whether the GCS answered lately.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkHealth {
+    /// No answer yet.
+    Connecting,
+    Healthy,
+    /// The last call failed; `reason` is bounded (metrics), `message` is for humans.
+    Unhealthy {
+        reason: &'static str,
+        message: String,
+    },
+}
+
+/// Outcome of a drain request, by pod name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DrainState {
+    Requested,
+    Accepted,
+    Rejected(String),
+}
+
+#[derive(Default)]
+struct Shared {
+    snapshot: Option<(ClusterState, Instant)>,
+    health: Option<LinkHealth>,
+    report: Option<AutoscalingReport>,
+    drains: BTreeMap<String, (String, DrainState)>,
+}
+
+/// Handle held by the cluster's state in its shard; dropping it stops the task.
+pub struct RayLink {
+    addr: String,
+    shared: Arc<Mutex<Shared>>,
+    kick: Arc<Notify>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for RayLink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RayLink {
+    /// Starts polling `addr` (`host:port` of the GCS) every `interval`.
+    pub fn start(
+        log_prefix: String,
+        addr: String,
+        interval: Duration,
+        timeout: Duration,
+        metrics: Arc<Metrics>,
+        wake: Waker,
+    ) -> Self {
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let kick = Arc::new(Notify::new());
+        let task =
+            tokio::spawn(run(log_prefix, addr.clone(), interval, timeout, shared.clone(), kick.clone(), metrics, wake));
+        Self { addr, shared, kick, task }
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        // A poisoned lock only means a panic elsewhere; the data is still usable.
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The latest cluster state, if the GCS answered and the answer is fresh enough.
+    pub fn snapshot(&self, max_age: Duration) -> Option<ClusterState> {
+        let s = self.lock();
+        let healthy = s.health == Some(LinkHealth::Healthy);
+        s.snapshot.as_ref().filter(|(_, at)| healthy && at.elapsed() <= max_age).map(|(st, _)| st.clone())
+    }
+
+    pub fn health(&self) -> LinkHealth {
+        self.lock().health.clone().unwrap_or(LinkHealth::Connecting)
+    }
+
+    /// Queues the report to send (the newest replaces an unsent older one).
+    pub fn report(&self, report: AutoscalingReport) {
+        self.lock().report = Some(report);
+        self.kick.notify_one();
+    }
+
+    /// Asks the GCS to drain a node (idle termination) unless already asked.
+    pub fn drain(&self, pod: &str, node_id: &str) {
+        let mut s = self.lock();
+        if !s.drains.contains_key(pod) {
+            s.drains.insert(pod.to_string(), (node_id.to_string(), DrainState::Requested));
+            drop(s);
+            self.kick.notify_one();
+        }
+    }
+
+    /// Drain states by pod.
+    pub fn drains(&self) -> BTreeMap<String, DrainState> {
+        self.lock().drains.iter().map(|(k, (_, st))| (k.clone(), st.clone())).collect()
+    }
+
+    /// Forgets drains of pods that no longer exist (or were rejected, to allow a new attempt later).
+    pub fn retain_drains(&self, keep: impl Fn(&str, &DrainState) -> bool) {
+        self.lock().drains.retain(|k, (_, st)| keep(k, st));
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    prefix: String,
+    addr: String,
+    interval: Duration,
+    timeout: Duration,
+    shared: Arc<Mutex<Shared>>,
+    kick: Arc<Notify>,
+    metrics: Arc<Metrics>,
+    wake: Waker,
+) {
+    let lock = || shared.lock().unwrap_or_else(|e| e.into_inner());
+    let mut client: Option<GcsClient> = None;
+    let mut failures = 0u32;
+    let mut last_version = None;
+    loop {
+        let started = Instant::now();
+        if client.is_none() {
+            match GcsClient::connect_lazy(&addr, timeout) {
+                Ok(c) => client = Some(c),
+                Err(e) => warn!("{prefix}: bad GCS address {addr}: {e}"),
+            }
+        }
+        let mut ok = false;
+        if let Some(c) = client.as_mut() {
+            match c.get_cluster_resource_state().await {
+                Ok(state) => {
+                    ok = true;
+                    let changed = last_version != Some(state.version);
+                    last_version = Some(state.version);
+                    let was = {
+                        let mut s = lock();
+                        s.snapshot = Some((state, Instant::now()));
+                        s.health.replace(LinkHealth::Healthy)
+                    };
+                    if was != Some(LinkHealth::Healthy) {
+                        info!("{prefix}: GCS at {addr} is reachable");
+                    }
+                    if changed || was != Some(LinkHealth::Healthy) {
+                        wake();
+                    }
+                    failures = 0;
+                }
+                Err(e) => {
+                    metrics.gcs_error();
+                    failures += 1;
+                    let health = LinkHealth::Unhealthy { reason: e.reason(), message: e.to_string() };
+                    let was = lock().health.replace(health.clone());
+                    if was != Some(health) {
+                        warn!("{prefix}: GCS at {addr} failed ({}): {e}", e.reason());
+                        wake();
+                    }
+                    if e.is_connect() {
+                        client = None;
+                    }
+                }
+            }
+        }
+        if ok && let Some(c) = client.as_mut() {
+            send_outbox(&prefix, c, &shared, &wake).await;
+        }
+        // Poll every `interval`; after failures back off (up to 30 s) so a dead head costs little.
+        let wait = if ok {
+            interval.saturating_sub(started.elapsed())
+        } else {
+            (interval * 2u32.saturating_pow(failures.min(5))).min(Duration::from_secs(30))
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = kick.notified(), if ok => {}
+        }
+    }
+}
+
+async fn send_outbox(prefix: &str, client: &mut GcsClient, shared: &Arc<Mutex<Shared>>, wake: &Waker) {
+    let lock = || shared.lock().unwrap_or_else(|e| e.into_inner());
+    let pending: Vec<(String, String)> = lock()
+        .drains
+        .iter()
+        .filter(|(_, (_, st))| *st == DrainState::Requested)
+        .map(|(pod, (node, _))| (pod.clone(), node.clone()))
+        .collect();
+    for (pod, node) in pending {
+        let result =
+            client.drain_node(&node, DrainReason::IdleTermination, "idle worker removed by ray-operator", None).await;
+        let state = match result {
+            Ok(o) if o.accepted => {
+                info!("{prefix}: drain of {pod} (node {node}) accepted");
+                DrainState::Accepted
+            }
+            Ok(o) => {
+                debug!("{prefix}: drain of {pod} rejected: {}", o.rejection_reason);
+                DrainState::Rejected(o.rejection_reason)
+            }
+            Err(RayError::HeadNode { .. }) => DrainState::Rejected("the head is never drained".into()),
+            Err(e) => {
+                debug!("{prefix}: drain of {pod} failed, will retry: {e}");
+                continue;
+            }
+        };
+        if let Some(entry) = lock().drains.get_mut(&pod) {
+            entry.1 = state;
+        }
+        wake();
+    }
+    let report = lock().report.take();
+    if let Some(r) = report
+        && let Err(e) = client.report_autoscaling_state(&r).await
+    {
+        debug!("{prefix}: report failed: {e}");
+    }
+}

@@ -1,0 +1,245 @@
+//! From Ray's view of a cluster and the operator's pods to what the reconciler should do: how many
+//! workers of each type to keep, which idle workers to drain, which drained pods to delete, and
+//! what to report back to the GCS. Pure: the caller fetches the state and carries the result out.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write;
+use std::time::SystemTime;
+
+use super::decision::{self, NodeTypeConfig, ResourceMap, UnfulfilledDemand};
+use crate::api::RayClusterSpec;
+use crate::ray::decision_input::to_decision_input;
+use crate::ray::{AutoscalingReport, ClusterState, NodeStatus, PendingInstance, PendingLaunch, RayNode};
+use crate::reconciler::desired::{Desired, NodeKind};
+use crate::reconciler::plan::{ObservedPod, PodPhase, Targets};
+
+/// A worker to drain: its pod and its Ray node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DrainCandidate {
+    pub pod: String,
+    pub node_id: String,
+    pub type_name: String,
+}
+
+/// The autoscaler's decision for one pass.
+#[derive(Clone, Debug, Default)]
+pub struct Scaling {
+    pub targets: Targets,
+    /// New pods per type (Ray's `nodes_to_launch`).
+    pub launches: BTreeMap<String, u32>,
+    /// Idle workers to drain now.
+    pub drain: Vec<DrainCandidate>,
+    /// Pods whose drain is complete (or whose node is gone): delete them.
+    pub delete: Vec<String>,
+    /// Demand no launch can serve.
+    pub unfulfilled: Vec<UnfulfilledDemand>,
+    /// What `ray status` should show.
+    pub report: AutoscalingReport,
+    /// One human line describing a change, if anything changes.
+    pub summary: Option<String>,
+}
+
+/// Node types as Ray sees them: the head (no workers) and each worker type.
+pub fn node_types(desired: &Desired) -> Vec<NodeTypeConfig> {
+    std::iter::once(NodeTypeConfig {
+        name: desired.head.type_name.clone(),
+        resources: desired.head.resources.clone(),
+        min_workers: 0,
+        max_workers: 0,
+    })
+    .chain(desired.workers.iter().map(|t| NodeTypeConfig {
+        name: t.type_name.clone(),
+        resources: t.resources.clone(),
+        min_workers: t.min_workers,
+        max_workers: t.max_workers,
+    }))
+    .collect()
+}
+
+fn fmt_shape(shape: &ResourceMap) -> String {
+    let parts: Vec<String> = shape.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    format!("{{{}}}", parts.join(", "))
+}
+
+/// True when some node type could ever hold `shape` (so it is not infeasible, merely waiting).
+fn fits_some_type(shape: &ResourceMap, types: &[NodeTypeConfig]) -> bool {
+    types
+        .iter()
+        .filter(|t| t.max_workers > 0)
+        .any(|t| shape.iter().all(|(k, v)| *v <= 0.0 || t.resources.get(k).is_some_and(|have| have >= v)))
+}
+
+/// Decides. `draining`: pods whose drain the GCS accepted earlier (kept out of the count; deleted
+/// once their node is gone). `idle_timeout_ms`: how long a worker must be idle to be removed.
+pub fn decide(
+    spec: &RayClusterSpec,
+    desired: &Desired,
+    pods: &[ObservedPod],
+    state: &ClusterState,
+    draining: &BTreeSet<String>,
+    idle_timeout_ms: i64,
+    now: SystemTime,
+) -> Result<Scaling, decision::DecisionError> {
+    let types = node_types(desired);
+    let live: Vec<&ObservedPod> = pods
+        .iter()
+        .filter(|p| !p.terminating && p.phase != PodPhase::Finished && !draining.contains(&p.name))
+        .collect();
+    let listed: Vec<(String, String)> = live.iter().map(|p| (p.type_name.clone(), p.name.clone())).collect();
+    let input =
+        to_decision_input(state, &types, &desired.head.type_name, spec.max_workers(), spec.upscaling_speed(), &listed);
+    let decision = decision::get_nodes_to_launch(&input)?;
+
+    let mut count: BTreeMap<&str, u32> = BTreeMap::new();
+    for p in live.iter().filter(|p| p.kind == NodeKind::Worker) {
+        *count.entry(p.type_name.as_str()).or_default() += 1;
+    }
+    let mut targets = BTreeMap::new();
+    for t in &desired.workers {
+        let have = count.get(t.type_name.as_str()).copied().unwrap_or(0);
+        let launch = decision.nodes_to_launch.get(&t.type_name).copied().unwrap_or(0);
+        targets.insert(t.type_name.clone(), (have + launch).min(t.max_workers).max(t.min_workers.min(t.max_workers)));
+    }
+
+    // Idle scale-down: Ray nodes of live worker pods, idle long enough, above their type's minimum,
+    // and not of a type we are launching right now. Never the head.
+    let by_instance: BTreeMap<&str, &RayNode> = state
+        .nodes
+        .iter()
+        .filter(|n| n.status != NodeStatus::Dead && !n.instance_id.is_empty())
+        .map(|n| (n.instance_id.as_str(), n))
+        .collect();
+    let mut drain = Vec::new();
+    for t in &desired.workers {
+        if decision.nodes_to_launch.get(&t.type_name).copied().unwrap_or(0) > 0 {
+            continue;
+        }
+        let mut keep = targets.get(&t.type_name).copied().unwrap_or(0);
+        let mut idle: Vec<(&ObservedPod, &RayNode)> = live
+            .iter()
+            .filter(|p| p.kind == NodeKind::Worker && p.type_name == t.type_name)
+            .filter_map(|p| by_instance.get(p.name.as_str()).map(|n| (*p, *n)))
+            .filter(|(_, n)| !n.is_head() && n.status == NodeStatus::Idle && n.idle_duration_ms >= idle_timeout_ms)
+            .collect();
+        // Longest idle first, as Ray removes the least recently used.
+        idle.sort_by_key(|(p, n)| (std::cmp::Reverse(n.idle_duration_ms), p.name.clone()));
+        for (p, n) in idle {
+            if keep <= t.min_workers {
+                break;
+            }
+            keep -= 1;
+            drain.push(DrainCandidate {
+                pod: p.name.clone(),
+                node_id: n.node_id.clone(),
+                type_name: t.type_name.clone(),
+            });
+        }
+        targets.insert(t.type_name.clone(), keep);
+    }
+
+    // Drained pods go once their Ray node is dead or gone.
+    let delete: Vec<String> = pods
+        .iter()
+        .filter(|p| draining.contains(&p.name) && !p.terminating)
+        .filter(|p| by_instance.get(p.name.as_str()).is_none_or(|n| n.status == NodeStatus::Dead))
+        .map(|p| p.name.clone())
+        .collect();
+
+    // Report for `ray status`.
+    let registered: BTreeSet<&str> = by_instance.keys().copied().collect();
+    let pending_instances = live
+        .iter()
+        .filter(|p| p.kind == NodeKind::Worker && !registered.contains(p.name.as_str()))
+        .map(|p| PendingInstance {
+            instance_id: p.name.clone(),
+            node_type: p.type_name.clone(),
+            ip_address: p.ip.clone().unwrap_or_default(),
+            details: if p.phase == PodPhase::Running { "starting ray".into() } else { "pod pending".into() },
+        })
+        .collect();
+    let pending_launches = decision
+        .nodes_to_launch
+        .iter()
+        .flat_map(|(t, n)| (0..*n).map(move |_| PendingLaunch { node_type: t.clone(), count: 1, requested_at: now }))
+        .collect();
+    // Only shapes no type can ever serve are infeasible (listing merely waiting demand could make
+    // the GCS cancel tasks when infeasible-task early exit is on).
+    let infeasible_requests = state
+        .pending_resource_requests
+        .iter()
+        .filter(|d| !d.involves_placement_group() && !fits_some_type(&d.shape, &types))
+        .cloned()
+        .collect();
+    let report = AutoscalingReport {
+        cluster_state_version: state.version,
+        pending_launches,
+        pending_instances,
+        infeasible_requests,
+        ..Default::default()
+    };
+
+    let mut summary = String::new();
+    for t in &desired.workers {
+        let have = count.get(t.type_name.as_str()).copied().unwrap_or(0);
+        let want = targets.get(&t.type_name).copied().unwrap_or(have);
+        if want != have {
+            let _ =
+                write!(summary, "{}scale {} {have}→{want}", if summary.is_empty() { "" } else { "; " }, t.type_name);
+        }
+    }
+    if !summary.is_empty() {
+        let demand: Vec<String> = state
+            .pending_resource_requests
+            .iter()
+            .take(5)
+            .map(|d| format!("{} ×{}", fmt_shape(&d.shape), d.count))
+            .chain(
+                state
+                    .pending_gang_requests
+                    .iter()
+                    .take(3)
+                    .map(|g| format!("placement group of {} bundles", g.bundles.len())),
+            )
+            .collect();
+        if demand.is_empty() {
+            let idle = drain.len();
+            let _ = write!(summary, ": {idle} idle worker(s) past idleTimeoutMinutes");
+        } else {
+            let _ = write!(summary, ": pending {}", demand.join(", "));
+        }
+        if !decision.unfulfilled.is_empty() {
+            let infeasible: Vec<String> =
+                decision.unfulfilled.iter().take(3).map(|u| format!("{} ×{}", fmt_shape(&u.shape), u.count)).collect();
+            let _ = write!(summary, "; unfulfilled {}", infeasible.join(", "));
+        }
+    }
+
+    Ok(Scaling {
+        targets: Targets { workers: targets, allow_scale_down: false },
+        launches: decision.nodes_to_launch,
+        drain,
+        delete,
+        unfulfilled: decision.unfulfilled,
+        report,
+        summary: (!summary.is_empty()).then_some(summary),
+    })
+}
+
+/// Worker targets while Ray cannot be asked (GCS unreachable): keep what exists, never below
+/// `minWorkers`, never remove anything.
+pub fn hold_targets(desired: &Desired, pods: &[ObservedPod]) -> Targets {
+    let mut workers = BTreeMap::new();
+    for t in &desired.workers {
+        let have = pods
+            .iter()
+            .filter(|p| {
+                p.kind == NodeKind::Worker
+                    && p.type_name == t.type_name
+                    && !p.terminating
+                    && p.phase != PodPhase::Finished
+            })
+            .count() as u32;
+        workers.insert(t.type_name.clone(), have.max(t.min_workers).min(t.max_workers.max(t.min_workers)));
+    }
+    Targets { workers, allow_scale_down: false }
+}

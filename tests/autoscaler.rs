@@ -1,0 +1,313 @@
+//! The autoscaler end to end: a real Ray head from PyPI (local processes), the operator managing a
+//! RayCluster whose GCS address points at that head, and the local control plane.
+//! Demand → worker pods of the right type; our report visible in the GCS; a stand-in worker node
+//! for one pod goes idle → drained and its pod deleted, never the head; head down → unhealthy
+//! with nothing deleted; head back → healthy.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{ListParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use ray_operator::api::RayCluster;
+use ray_operator::ray::{ClusterState, GcsClient, NodeStatus};
+use support::*;
+
+const DRIVER: &str = r#"
+import sys, time, ray
+ray.init(address=sys.argv[1])
+
+@ray.remote(num_cpus=4)
+def big():
+    time.sleep(3600)
+
+refs = [big.remote() for _ in range(2)]
+print("submitted", flush=True)
+time.sleep(3600)
+"#;
+
+fn ray_bin() -> PathBuf {
+    let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/ray-venv"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run e2e/ray-venv");
+    assert!(out.status.success(), "e2e/ray-venv failed");
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+fn free_ports(n: usize) -> Vec<u16> {
+    let ls: Vec<_> = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
+fn kill_group(pgid: u32, sig: &str) {
+    let _ = Command::new("kill").args([sig, "--", &format!("-{pgid}")]).stderr(Stdio::null()).status();
+}
+
+/// Ray processes started by this test (each `ray start` in its own process group); all killed on drop.
+struct RayProcs {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    groups: Vec<u32>,
+    driver: Option<Child>,
+}
+
+impl RayProcs {
+    fn new(bin: &Path) -> Self {
+        // Short path: Ray puts Unix sockets under it (108-byte limit).
+        let dir = tempfile::Builder::new().prefix("raya").tempdir_in("/tmp").unwrap();
+        Self { bin: bin.to_path_buf(), dir, groups: vec![], driver: None }
+    }
+
+    /// `ray start` with the env the operator gives Ray pods; returns its process group.
+    fn ray_start(&mut self, name: &str, args: &[String], instance: &str, node_type: &str) -> u32 {
+        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
+        let ports = free_ports(7);
+        let mut cmd = Command::new(self.bin.join("ray"));
+        cmd.arg("start")
+            .args(args)
+            .args(["--node-ip-address=127.0.0.1", "--disable-usage-stats", "--object-store-memory=100000000"])
+            .arg(format!("--node-manager-port={}", ports[0]))
+            .arg(format!("--object-manager-port={}", ports[1]))
+            .arg(format!("--dashboard-agent-listen-port={}", ports[2]))
+            .arg(format!("--dashboard-agent-grpc-port={}", ports[3]))
+            .arg(format!("--runtime-env-agent-port={}", ports[4]))
+            .arg(format!("--metrics-export-port={}", ports[5]))
+            .env("RAY_enable_autoscaler_v2", "1")
+            .env("RAY_CLOUD_INSTANCE_ID", instance)
+            .env("RAY_NODE_TYPE_NAME", node_type)
+            .env("RAY_USAGE_STATS_ENABLED", "0")
+            .env_remove("RAY_ADDRESS");
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let mut child = cmd.stdout(log.try_clone().unwrap()).stderr(log).spawn().expect("ray start");
+        let pgid = child.id();
+        self.groups.push(pgid);
+        let status = child.wait().unwrap();
+        assert!(status.success(), "ray start {name} failed:\n{}", self.log(name));
+        pgid
+    }
+
+    fn start_head(&mut self, gcs_port: u16) -> u32 {
+        let temp = self.dir.path().join("t");
+        let args = vec![
+            "--head".into(),
+            "--no-monitor".into(),
+            "--num-cpus=1".into(),
+            "--include-dashboard=false".into(),
+            format!("--port={gcs_port}"),
+            format!("--dashboard-port={}", free_ports(1)[0]),
+            format!("--temp-dir={}", temp.display()),
+        ];
+        self.ray_start("head", &args, "head", "head")
+    }
+
+    fn start_worker(&mut self, gcs_port: u16, instance: &str) -> u32 {
+        let args = vec![format!("--address=127.0.0.1:{gcs_port}"), "--num-cpus=4".into()];
+        self.ray_start("worker", &args, instance, "cpu4")
+    }
+
+    fn start_driver(&mut self, gcs_port: u16) {
+        let script = self.dir.path().join("driver.py");
+        std::fs::write(&script, DRIVER).unwrap();
+        let log = std::fs::File::create(self.dir.path().join("driver.log")).unwrap();
+        let mut cmd = Command::new(self.bin.join("python"));
+        cmd.arg(&script).arg(format!("127.0.0.1:{gcs_port}")).env("RAY_USAGE_STATS_ENABLED", "0");
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        self.driver = Some(cmd.stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap());
+    }
+
+    fn stop_driver(&mut self) {
+        if let Some(mut d) = self.driver.take() {
+            kill_group(d.id(), "-KILL");
+            let _ = d.wait();
+        }
+    }
+
+    fn kill(&mut self, pgid: u32) {
+        kill_group(pgid, "-KILL");
+        self.groups.retain(|g| *g != pgid);
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+}
+
+impl Drop for RayProcs {
+    fn drop(&mut self) {
+        self.stop_driver();
+        for g in std::mem::take(&mut self.groups) {
+            kill_group(g, "-KILL");
+        }
+        // Raylets and GCS may have forked into other groups under the temp dir; stop stragglers.
+        let _ = Command::new("pkill").args(["-9", "-f", &self.dir.path().display().to_string()]).status();
+    }
+}
+
+fn manifest(name: &str, gcs: &str) -> String {
+    format!(
+        r#"
+apiVersion: cluster.ray.io/v1
+kind: RayCluster
+metadata:
+  name: {name}
+  annotations: {{cluster.ray.io/gcs-address: "{gcs}"}}
+spec:
+  maxWorkers: 3
+  idleTimeoutMinutes: 0
+  headPodType: head
+  podTypes:
+  - name: head
+    podConfig:
+      apiVersion: v1
+      kind: Pod
+      metadata: {{generateName: ray-head-}}
+      spec:
+        containers:
+        - {{name: ray, image: rayproject/ray:2.60.0, command: [sleep, infinity], resources: {{requests: {{cpu: "1"}}}}}}
+  - name: cpu4
+    minWorkers: 0
+    maxWorkers: 3
+    podConfig:
+      apiVersion: v1
+      kind: Pod
+      metadata: {{generateName: ray-cpu4-}}
+      spec:
+        containers:
+        - {{name: ray, image: rayproject/ray:2.60.0, command: [sleep, infinity], resources: {{requests: {{cpu: "4"}}}}}}
+  headStartRayCommands: ["ray start --head"]
+  workerStartRayCommands: ["ray start --address=$RAY_HEAD_IP:6379"]
+"#
+    )
+}
+
+async fn workers(client: &Client, ns: &str, cluster: &str) -> Vec<Pod> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    pods.list(&ListParams::default().labels(&format!("ray-cluster-name={cluster},ray-node-type=worker")))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect()
+}
+
+async fn condition(client: &Client, ns: &str, name: &str) -> Option<(String, String)> {
+    let api: Api<RayCluster> = Api::namespaced(client.clone(), ns);
+    let s = api.get(name).await.ok()?.status?;
+    let c = s.conditions.into_iter().find(|c| c.type_ == "AutoscalerHealthy")?;
+    Some((c.status, c.reason))
+}
+
+async fn state(gcs: &str) -> Option<ClusterState> {
+    let mut c = GcsClient::connect(gcs, Duration::from_secs(2)).await.ok()?;
+    c.get_cluster_resource_state().await.ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autoscaler_against_a_real_ray_head() {
+    let bin = ray_bin();
+    install_crd();
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "autoscale").await;
+    let mut ray = RayProcs::new(&bin);
+    let gcs_port = free_ports(1)[0];
+    let head = ray.start_head(gcs_port);
+    let gcs = format!("127.0.0.1:{gcs_port}");
+
+    let op = OperatorProcess::start(
+        &["--no-leader-election", "--namespaces", &ns.name, "--autoscaler-interval", "0.5"],
+        &[],
+    );
+    let rcs: Api<RayCluster> = Api::namespaced(client.clone(), &ns.name);
+    let rc: RayCluster = serde_yaml::from_str(&manifest("auto", &gcs)).unwrap();
+    rcs.create(&PostParams::default(), &rc).await.unwrap();
+    wait_until(Duration::from_secs(60), "AutoscalerHealthy=True", || async {
+        (condition(&client, &ns.name, "auto").await? == ("True".into(), "GcsReachable".into())).then_some(())
+    })
+    .await;
+    assert!(workers(&client, &ns.name, "auto").await.is_empty(), "minWorkers 0 and no demand: no workers");
+
+    // 1. Demand the head cannot serve → two cpu4 workers, quickly.
+    ray.start_driver(gcs_port);
+    let t_demand = wait_until(Duration::from_secs(60), "demand in the GCS", || async {
+        let s = state(&gcs).await?;
+        s.pending_resource_requests.iter().any(|d| d.shape.get("CPU") == Some(&4.0)).then(Instant::now)
+    })
+    .await;
+    let pods = wait_until(Duration::from_secs(20), "2 cpu4 worker pods", || async {
+        let w = workers(&client, &ns.name, "auto").await;
+        (w.len() == 2).then_some(w)
+    })
+    .await;
+    eprintln!("reaction: demand visible in GCS -> 2 worker pods in {:?}", t_demand.elapsed());
+    for p in &pods {
+        assert_eq!(p.labels()["ray-user-node-type"], "cpu4");
+    }
+    // Not more than needed, even after a few more passes.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(workers(&client, &ns.name, "auto").await.len(), 2, "nothing launched twice");
+    let logs = op.logs();
+    assert!(
+        logs.lines().any(|l| l.starts_with("auto: ") && l.contains("scale cpu4 0→2") && l.contains("CPU: 4")),
+        "one decision line: {logs}"
+    );
+
+    // 2. Our report is what the GCS shows (`ray status`): the two pods as pending instances.
+    wait_until(Duration::from_secs(10), "our report in GetClusterStatus", || async {
+        let mut c = GcsClient::connect(&gcs, Duration::from_secs(2)).await.ok()?;
+        let st = c.get_cluster_status().await.ok()?;
+        let r = st.autoscaling_state?.report;
+        let names: Vec<&str> = r.pending_instances.iter().map(|p| p.instance_id.as_str()).collect();
+        pods.iter().all(|p| names.contains(&p.name_any().as_str())).then_some(())
+    })
+    .await;
+
+    // 3. A stand-in Ray worker for the first pod registers, runs one task; then the demand goes
+    //    away, the node is idle (idleTimeoutMinutes 0) → drained and its pod deleted.
+    let first = pods[0].name_any();
+    let worker = ray.start_worker(gcs_port, &first);
+    wait_until(Duration::from_secs(60), "stand-in worker registered", || async {
+        let s = state(&gcs).await?;
+        s.nodes.iter().any(|n| n.instance_id == first && n.status != NodeStatus::Dead).then_some(())
+    })
+    .await;
+    ray.stop_driver();
+    wait_until(Duration::from_secs(60), "idle worker drained and its pod deleted", || async {
+        let w = workers(&client, &ns.name, "auto").await;
+        (!w.iter().any(|p| p.name_any() == first)).then_some(())
+    })
+    .await;
+    let s = state(&gcs).await.expect("GCS state");
+    let head_node = s.head().expect("head node alive");
+    assert_ne!(head_node.status, NodeStatus::Draining, "the head is never drained");
+    assert!(op.logs().contains(&format!("draining idle worker {first}")));
+    ray.kill(worker);
+
+    // 4. Head down: AutoscalerHealthy=False, and nothing is deleted while Ray cannot be asked.
+    let before: Vec<String> = workers(&client, &ns.name, "auto").await.iter().map(|p| p.name_any()).collect();
+    ray.kill(head);
+    let _ = Command::new("pkill").args(["-9", "-f", &format!("gcs_server.*{gcs_port}")]).status();
+    wait_until(Duration::from_secs(30), "AutoscalerHealthy=False", || async {
+        let (status, reason) = condition(&client, &ns.name, "auto").await?;
+        (status == "False").then_some(reason)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after: Vec<String> = workers(&client, &ns.name, "auto").await.iter().map(|p| p.name_any()).collect();
+    assert_eq!(before, after, "no pod deleted while the GCS is unreachable");
+
+    // 5. Head back (same address): healthy again, without restarting the operator.
+    let started = Instant::now();
+    ray.start_head(gcs_port);
+    wait_until(Duration::from_secs(60), "AutoscalerHealthy=True again", || async {
+        (condition(&client, &ns.name, "auto").await? == ("True".into(), "GcsReachable".into())).then_some(())
+    })
+    .await;
+    eprintln!("recovered {:?} after the head restarted", started.elapsed());
+    assert!(!op.logs().contains("panicked"));
+}
