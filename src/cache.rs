@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
 use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
 use crate::api::RayCluster;
@@ -114,6 +115,13 @@ pub fn observe_pod(pod: &Pod) -> Option<(ClusterKey, ObservedPod)> {
             ready,
             terminating: pod.metadata.deletion_timestamp.is_some(),
             ip: status.and_then(|s| s.pod_ip.clone()),
+            unschedulable_since: status.and_then(|s| s.conditions.as_ref()).and_then(|cs| {
+                cs.iter()
+                    .find(|c| {
+                        c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some("Unschedulable")
+                    })
+                    .map(|c| c.last_transition_time.as_ref().map_or_else(Timestamp::now, |t| t.0))
+            }),
         },
     ))
 }

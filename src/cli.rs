@@ -103,6 +103,11 @@ pub struct RunArgs {
     #[arg(long, env = "RAY_OPERATOR_NO_AUTOSCALER")]
     pub no_autoscaler: bool,
 
+    /// A worker pod the scheduler cannot place for this long is deleted and its launch given up
+    /// (with a Warning Event).
+    #[arg(long, env = "RAY_OPERATOR_UNSCHEDULABLE_TIMEOUT", value_parser = parse_seconds, default_value = "300")]
+    pub unschedulable_timeout: Duration,
+
     /// Address of the health and metrics server.
     #[arg(long, env = "RAY_OPERATOR_HEALTH_ADDR", default_value = "0.0.0.0:8080")]
     pub health_addr: SocketAddr,
@@ -158,6 +163,7 @@ impl RunArgs {
             create_batch: self.create_batch.max(1),
             autoscaler: (!self.no_autoscaler)
                 .then_some(AutoscalerSettings { interval: self.autoscaler_interval, timeout: self.gcs_timeout }),
+            unschedulable_timeout: self.unschedulable_timeout,
             health_addr: self.health_addr,
             instance: self.pod_name.clone().unwrap_or_else(|| "ray-operator".into()),
         })

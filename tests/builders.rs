@@ -214,6 +214,7 @@ fn observed(d: &desired::Desired, ready: bool) -> Vec<ObservedPod> {
         ready,
         terminating: false,
         ip: None,
+        unschedulable_since: None,
     }];
     for i in 0..2 {
         pods.push(ObservedPod {
@@ -226,6 +227,7 @@ fn observed(d: &desired::Desired, ready: bool) -> Vec<ObservedPod> {
             ready,
             terminating: false,
             ip: None,
+            unschedulable_since: None,
         });
     }
     pods

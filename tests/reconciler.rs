@@ -285,3 +285,60 @@ async fn operator_restart_changes_nothing() {
     let logs = op2.logs();
     assert!(!logs.contains("created"), "restart created something: {logs}");
 }
+
+#[tokio::test]
+async fn unschedulable_worker_is_given_up_with_a_warning_event() {
+    install_crd();
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "rc-unsched").await;
+    let _op = OperatorProcess::start(
+        &["--no-leader-election", "--namespaces", &ns.name, "--unschedulable-timeout", "2"],
+        &[],
+    );
+    // A worker type no node can take (its nodeSelector matches no node).
+    let manifest = TWO_TYPES.replace("name: two-types", "name: stuck").replacen(
+        "metadata: {generateName: ray-small-}\n      spec:\n",
+        "metadata: {generateName: ray-small-}\n      spec:\n        nodeSelector: {no-such-label: \"true\"}\n",
+        1,
+    );
+    assert!(manifest.contains("no-such-label"));
+    apply_yaml(&ns.name, &manifest);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let first: BTreeSet<String> = wait_until(Duration::from_secs(30), "3 unschedulable small workers", || async {
+        let l =
+            pods.list(&ListParams::default().labels("ray-cluster-name=stuck,ray-user-node-type=small")).await.ok()?;
+        let stuck: BTreeSet<String> = l
+            .items
+            .iter()
+            .filter(|p| {
+                p.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|cs| {
+                    cs.iter().any(|c| c.type_ == "PodScheduled" && c.reason.as_deref() == Some("Unschedulable"))
+                })
+            })
+            .map(|p| p.uid().unwrap())
+            .collect();
+        (stuck.len() == 3).then_some(stuck)
+    })
+    .await;
+    // Past the timeout: the launches are given up (pods deleted, Warning Events) and, as minWorkers
+    // is 3, tried again with new pods.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns.name);
+    wait_until(Duration::from_secs(30), "LaunchFailed warning events", || async {
+        let l = events.list(&ListParams::default()).await.ok()?;
+        let n = l.items.iter().filter(|e| e.reason.as_deref() == Some("LaunchFailed")).count();
+        (n >= 3).then_some(())
+    })
+    .await;
+    wait_until(Duration::from_secs(30), "replacement pods", || async {
+        let l =
+            pods.list(&ListParams::default().labels("ray-cluster-name=stuck,ray-user-node-type=small")).await.ok()?;
+        let now: BTreeSet<String> =
+            l.items.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).map(|p| p.uid().unwrap()).collect();
+        (now.len() == 3 && now.is_disjoint(&first)).then_some(())
+    })
+    .await;
+    // The schedulable type is unaffected.
+    let large =
+        pods.list(&ListParams::default().labels("ray-cluster-name=stuck,ray-user-node-type=large")).await.unwrap();
+    assert_eq!(large.items.len(), 2);
+}

@@ -69,6 +69,8 @@ pub struct Context {
     pub fence: Arc<Fence>,
     /// How the autoscaler talks to Ray; `None` keeps every type at `minWorkers`.
     pub autoscaler: Option<AutoscalerSettings>,
+    /// How long a worker pod may stay unschedulable before its launch is given up (or retried).
+    pub unschedulable_timeout: Duration,
 }
 
 /// Autoscaler timing.
@@ -175,18 +177,15 @@ pub async fn reconcile(ctx: &Context, key: &ClusterKey, state: &mut ClusterState
     }
     state.rejected = None;
 
-    let auto = autoscale(ctx, key, &cluster, &desired, &pods, state);
+    let mut auto = autoscale(ctx, key, &cluster, &desired, &pods, state);
+    give_up_unschedulable(ctx, key, &cluster, &desired, &pods, state, &mut auto, now);
     let plan_pods: Vec<plan::ObservedPod> = pods.iter().filter(|p| !auto.draining.contains(&p.name)).cloned().collect();
     let observed = Observed { pods: &plan_pods, ..observed };
     let targets = auto.targets.clone();
     let mut plan = plan::plan(&desired, &observed, &targets);
-    for name in &auto.delete {
+    for (name, reason) in &auto.delete {
         if let Some(p) = pods.iter().find(|p| &p.name == name) {
-            plan.actions.push(Action::DeletePod {
-                name: p.name.clone(),
-                uid: p.uid.clone(),
-                reason: plan::DeleteReason::Drained,
-            });
+            plan.actions.push(Action::DeletePod { name: p.name.clone(), uid: p.uid.clone(), reason: *reason });
         }
     }
     if let Some(summary) = &auto.summary {
@@ -267,8 +266,19 @@ pub async fn reconcile(ctx: &Context, key: &ClusterKey, state: &mut ClusterState
         write_status(ctx, &cluster, status).await?;
     }
     state.failures = 0;
+    // An unschedulable pod's timeout passes without any event: come back when it does.
+    let unschedulable_wait = pods
+        .iter()
+        .filter_map(|p| p.unschedulable_since)
+        .map(|since| {
+            let stuck = now.duration_since(since).as_secs_f64().max(0.0);
+            Duration::from_secs_f64((ctx.unschedulable_timeout.as_secs_f64() - stuck).max(0.0) + 0.1)
+        })
+        .min();
     Ok(if more {
         Next::Continue
+    } else if let Some(wait) = unschedulable_wait {
+        Next::After(ctx.autoscaler.as_ref().map_or(wait, |a| wait.min(a.interval)))
     } else if let (Some(a), Some(_)) = (&ctx.autoscaler, &state.link) {
         // Idle timers advance without any event: look again each interval (no API calls unless
         // something changes).
@@ -402,8 +412,8 @@ struct Autoscale {
     targets: plan::Targets,
     /// Pods being drained: not counted, not touched by the plan.
     draining: std::collections::BTreeSet<String>,
-    /// Drained pods to delete.
-    delete: Vec<String>,
+    /// Pods to delete (drained, or launches given up).
+    delete: Vec<(String, plan::DeleteReason)>,
     summary: Option<String>,
     scaled_up: bool,
     /// The AutoscalerHealthy condition: (ok, reason, message).
@@ -536,7 +546,7 @@ fn autoscale(
             Autoscale {
                 targets: plan::Targets { workers: state.targets.clone(), allow_scale_down: false },
                 draining,
-                delete: s.delete,
+                delete: s.delete.into_iter().map(|n| (n, plan::DeleteReason::Drained)).collect(),
                 scaled_up: !s.launches.is_empty(),
                 summary: s.summary,
                 condition: Some((true, "GcsReachable", format!("reading demand from the GCS at {addr}"))),
@@ -546,6 +556,45 @@ fn autoscale(
             warn!("{key}: autoscaler decision failed: {e}");
             hold(draining, Some((false, "DecisionFailed", e.to_string())))
         }
+    }
+}
+
+/// Worker pods the scheduler could not place for `ctx.unschedulable_timeout`: with the
+/// autoscaler, the launch is given up (target − 1, pod deleted, Warning Event, reported to Ray as a
+/// failed launch by the next report); without it, the pod is deleted and replaced.
+#[allow(clippy::too_many_arguments)]
+fn give_up_unschedulable(
+    ctx: &Context,
+    key: &ClusterKey,
+    cluster: &RayCluster,
+    desired: &Desired,
+    pods: &[plan::ObservedPod],
+    state: &mut ClusterState,
+    auto: &mut Autoscale,
+    now: Timestamp,
+) {
+    for p in pods.iter().filter(|p| p.kind == desired::NodeKind::Worker && !p.terminating) {
+        let Some(since) = p.unschedulable_since else { continue };
+        let stuck = now.duration_since(since).as_secs_f64();
+        if stuck < ctx.unschedulable_timeout.as_secs_f64() || auto.delete.iter().any(|(n, _)| n == &p.name) {
+            continue;
+        }
+        let msg = format!(
+            "pod {} of type {} could not be scheduled for {stuck:.0}s; giving up this launch",
+            p.name, p.type_name
+        );
+        warn!("{key}: {msg}");
+        event(ctx, cluster, EventType::Warning, "LaunchFailed", msg);
+        if ctx.autoscaler.is_some()
+            && let Some(t) = state.targets.get_mut(&p.type_name)
+        {
+            let min = desired.workers.iter().find(|w| w.type_name == p.type_name).map_or(0, |w| w.min_workers);
+            *t = t.saturating_sub(1).max(min);
+            if let Some(w) = auto.targets.workers.get_mut(&p.type_name) {
+                *w = *t;
+            }
+        }
+        auto.delete.push((p.name.clone(), plan::DeleteReason::Unschedulable));
     }
 }
 

@@ -38,6 +38,8 @@ pub struct ObservedPod {
     pub terminating: bool,
     /// Pod IP, when assigned (the autoscaler maps Ray nodes by name, this is for humans).
     pub ip: Option<String>,
+    /// Since when the scheduler has been unable to place the pod (PodScheduled=False, Unschedulable).
+    pub unschedulable_since: Option<Timestamp>,
 }
 
 /// One thing to do.
@@ -64,6 +66,8 @@ pub enum DeleteReason {
     Orphaned,
     /// The autoscaler drained its idle Ray node.
     Drained,
+    /// It could not be scheduled for too long.
+    Unschedulable,
 }
 
 impl DeleteReason {
@@ -74,6 +78,7 @@ impl DeleteReason {
             DeleteReason::Excess => "excess",
             DeleteReason::Orphaned => "pod type removed",
             DeleteReason::Drained => "idle, drained",
+            DeleteReason::Unschedulable => "unschedulable",
         }
     }
 }

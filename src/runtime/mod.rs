@@ -40,6 +40,7 @@ pub struct Settings {
     pub create_batch: usize,
     /// `None`: no autoscaler (every worker type stays at `minWorkers`).
     pub autoscaler: Option<AutoscalerSettings>,
+    pub unschedulable_timeout: Duration,
     pub health_addr: SocketAddr,
     /// Reported in Events (`reportingInstance`).
     pub instance: String,
@@ -81,6 +82,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         create_batch: settings.create_batch,
         fence: fence.clone(),
         autoscaler: settings.autoscaler.clone(),
+        unschedulable_timeout: settings.unschedulable_timeout,
     });
 
     let mut signals = Signals::new()?;
