@@ -19,3 +19,4 @@ build:
 crd:
 	cargo run --quiet -- crd > crds/cluster_crd.yaml
 	cp crds/cluster_crd.yaml deploy/cluster_crd.yaml
+	cp crds/cluster_crd.yaml kustomize/crd/cluster_crd.yaml
