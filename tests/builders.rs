@@ -80,6 +80,8 @@ fn example_cluster_head_and_workers() {
     assert_eq!(env["RAY_enable_autoscaler_v2"], "1");
     let wenv = env_of(&w.pod);
     assert_eq!(wenv["RAY_NODE_TYPE_NAME"], "worker-node");
+    let advertised: BTreeMap<String, f64> = serde_json::from_str(&wenv["RAY_OVERRIDE_RESOURCES"]).unwrap();
+    assert_eq!(advertised, w.resources, "Ray advertises what the autoscaler plans with");
     assert!(!wenv.contains_key("RAY_enable_autoscaler_v2"));
 
     // Ray resources from requests/limits plus rayResources.
@@ -188,6 +190,14 @@ fn hash_changes_only_with_what_shapes_the_pod() {
     ]));
     let d3 = desired::desired(&ours).unwrap();
     assert_eq!(d3.head.hash, d0.head.hash, "kubectl's and our own annotations do not restart Ray");
+
+    let mut resources = base.clone();
+    resources.spec.pod_types[1].ray_resources = Some(BTreeMap::from([("foo".to_string(), 2.0)]));
+    assert_ne!(
+        desired::desired(&resources).unwrap().workers[0].hash,
+        d0.workers[0].hash,
+        "rayResources restart the type"
+    );
 
     let mut scaled = base.clone();
     scaled.spec.pod_types[1].max_workers = Some(5);

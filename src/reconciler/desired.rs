@@ -265,6 +265,7 @@ fn pod_template(
         "setup": setup,
         "start": start,
         "restart": restart_token(cluster),
+        "resources": resources,
     }));
 
     container.command = Some(wrap_entrypoint(&setup, &start, container));
@@ -284,6 +285,11 @@ fn pod_template(
         }),
     );
     set_env("RAY_NODE_TYPE_NAME", Some(pod_type.name.clone()), None);
+    // `ray start` advertises exactly these resources (CPU/GPU/memory from the container, plus
+    // rayResources), so Ray's view of a node matches the type the autoscaler planned with.
+    if !resources.is_empty() {
+        set_env("RAY_OVERRIDE_RESOURCES", serde_json::to_string(&resources).ok(), None);
+    }
     if kind == NodeKind::Head {
         set_env("RAY_enable_autoscaler_v2", Some("1".into()), None);
     }
