@@ -70,7 +70,8 @@ fn fresher(new: Option<u64>, old: Option<u64>) -> bool {
 pub struct Cache {
     clusters: DashMap<ClusterKey, Stamped<Arc<RayCluster>>>,
     pods: DashMap<ClusterKey, BTreeMap<String, Stamped<ObservedPod>>>,
-    services: DashMap<ClusterKey, Stamped<String>>,
+    /// Head Services: our content hash label and the ClusterIP.
+    services: DashMap<ClusterKey, Stamped<(String, Option<String>)>>,
     counter: AtomicU64,
 }
 
@@ -155,7 +156,13 @@ impl Cache {
     }
 
     /// Stores a RayCluster unless we already hold a fresher version of it.
-    pub fn put_cluster(&self, cluster: RayCluster) -> ClusterKey {
+    pub fn put_cluster(&self, mut cluster: RayCluster) -> ClusterKey {
+        // Not needed by the reconciler and the bulk of a stored object: managed fields and
+        // kubectl's copy of the whole manifest. Dropping them keeps thousands of clusters small.
+        cluster.metadata.managed_fields = None;
+        if let Some(a) = cluster.metadata.annotations.as_mut() {
+            a.remove("kubectl.kubernetes.io/last-applied-configuration");
+        }
         let key = ClusterKey::of(&cluster);
         let resource_version = rv(cluster.metadata.resource_version.as_ref());
         let stamp = self.stamp();
@@ -254,12 +261,19 @@ impl Cache {
     // --- head Services (we only need their content hash) ---
 
     pub fn service_hash(&self, key: &ClusterKey) -> Option<String> {
-        self.services.get(key).map(|s| s.value.clone())
+        self.services.get(key).map(|s| s.value.0.clone())
+    }
+
+    /// The head Service's ClusterIP, once assigned.
+    pub fn service_ip(&self, key: &ClusterKey) -> Option<String> {
+        self.services.get(key).and_then(|s| s.value.1.clone())
     }
 
     pub fn put_service(&self, svc: &Service) -> Option<ClusterKey> {
         let key = owner_key(&svc.metadata)?;
         let hash = svc.labels().get(LABEL_LAUNCH_HASH).cloned().unwrap_or_default();
+        let ip = svc.spec.as_ref().and_then(|s| s.cluster_ip.clone()).filter(|ip| !ip.is_empty() && ip != "None");
+        let hash = (hash, ip);
         let resource_version = rv(svc.metadata.resource_version.as_ref());
         let stamp = self.stamp();
         let mut entry = self.services.entry(key.clone()).or_insert_with(|| Stamped {

@@ -30,25 +30,31 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => {
             ray_operator::telemetry::init(cli.log_format);
             let settings = args.settings().map_err(anyhow::Error::msg)?;
-            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async move {
-                let mut config = kube::Config::infer().await?;
-                // A per-replica user agent makes each replica's requests identifiable in the API
-                // server's audit log (and proves fencing in our tests).
-                let agent = format!("ray-operator/{} ({})", env!("CARGO_PKG_VERSION"), settings.instance);
-                config.headers.push((http::header::USER_AGENT, http::HeaderValue::from_str(&agent)?));
-                let client = kube::Client::try_from(config)?;
-                info!(
-                    "ray-operator {} starting: scope {:?}, leader election {}, {} shards",
-                    env!("CARGO_PKG_VERSION"),
-                    settings.scope,
-                    settings.leader.as_ref().map_or("off".to_string(), |l| format!(
-                        "on (lease {}/{} as {})",
-                        l.namespace, l.lease_name, l.identity
-                    )),
-                    settings.shards
-                );
-                ray_operator::runtime::run(client, settings).await
-            })
+            tokio::runtime::Builder::new_multi_thread()
+                // Blocking work is rare (DNS of an overridden GCS address); bound it so thousands of
+                // clusters cannot fan out into thousands of threads (and malloc arenas).
+                .max_blocking_threads(8)
+                .enable_all()
+                .build()?
+                .block_on(async move {
+                    let mut config = kube::Config::infer().await?;
+                    // A per-replica user agent makes each replica's requests identifiable in the API
+                    // server's audit log (and proves fencing in our tests).
+                    let agent = format!("ray-operator/{} ({})", env!("CARGO_PKG_VERSION"), settings.instance);
+                    config.headers.push((http::header::USER_AGENT, http::HeaderValue::from_str(&agent)?));
+                    let client = kube::Client::try_from(config)?;
+                    info!(
+                        "ray-operator {} starting: scope {:?}, leader election {}, {} shards",
+                        env!("CARGO_PKG_VERSION"),
+                        settings.scope,
+                        settings.leader.as_ref().map_or("off".to_string(), |l| format!(
+                            "on (lease {}/{} as {})",
+                            l.namespace, l.lease_name, l.identity
+                        )),
+                        settings.shards
+                    );
+                    ray_operator::runtime::run(client, settings).await
+                })
         }
     }
 }

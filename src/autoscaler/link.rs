@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
@@ -69,12 +69,13 @@ impl RayLink {
         interval: Duration,
         timeout: Duration,
         metrics: Arc<Metrics>,
+        permits: Arc<Semaphore>,
         wake: Waker,
     ) -> Self {
         let shared = Arc::new(Mutex::new(Shared::default()));
         let kick = Arc::new(Notify::new());
-        let task =
-            tokio::spawn(run(log_prefix, addr.clone(), interval, timeout, shared.clone(), kick.clone(), metrics, wake));
+        let (s, k) = (shared.clone(), kick.clone());
+        let task = tokio::spawn(run(log_prefix, addr.clone(), interval, timeout, s, k, metrics, permits, wake));
         Self { addr, shared, kick, task }
     }
 
@@ -134,6 +135,7 @@ async fn run(
     shared: Arc<Mutex<Shared>>,
     kick: Arc<Notify>,
     metrics: Arc<Metrics>,
+    permits: Arc<Semaphore>,
     wake: Waker,
 ) {
     let lock = || shared.lock().unwrap_or_else(|e| e.into_inner());
@@ -142,6 +144,9 @@ async fn run(
     let mut last_version = None;
     loop {
         let started = Instant::now();
+        // A bounded number of GCS conversations at once, whatever the number of clusters: keeps the
+        // operator's memory flat (each connection has its buffers) and spreads the polls out.
+        let Ok(_permit) = permits.acquire().await else { return };
         if client.is_none() {
             match GcsClient::connect_lazy(&addr, timeout) {
                 Ok(c) => client = Some(c),
@@ -150,7 +155,9 @@ async fn run(
         }
         let mut ok = false;
         if let Some(c) = client.as_mut() {
-            match c.get_cluster_resource_state().await {
+            // Boxed: a gRPC call's future is large; boxing keeps each idle link task small (one
+            // per cluster, thousands of them) and allocates the call state only while it runs.
+            match Box::pin(c.get_cluster_resource_state()).await {
                 Ok(state) => {
                     ok = true;
                     let changed = last_version != Some(state.version);
@@ -177,15 +184,17 @@ async fn run(
                         warn!("{prefix}: GCS at {addr} failed ({}): {e}", e.reason());
                         wake();
                     }
-                    if e.is_connect() {
-                        client = None;
-                    }
+                    // Drop the channel on any failure: an unreachable or broken head must not keep a
+                    // connection (and its buffers) alive across the backoff; the next attempt starts
+                    // afresh.
+                    client = None;
                 }
             }
         }
         if ok && let Some(c) = client.as_mut() {
-            send_outbox(&prefix, c, &shared, &wake).await;
+            Box::pin(send_outbox(&prefix, c, &shared, &wake)).await;
         }
+        drop(_permit);
         // Poll every `interval`; after failures back off (up to 30 s) so a dead head costs little.
         let wait = if ok {
             interval.saturating_sub(started.elapsed())

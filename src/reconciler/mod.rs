@@ -71,7 +71,12 @@ pub struct Context {
     pub autoscaler: Option<AutoscalerSettings>,
     /// How long a worker pod may stay unschedulable before its launch is given up (or retried).
     pub unschedulable_timeout: Duration,
+    /// Bounds concurrent GCS calls across all clusters.
+    pub gcs_permits: Arc<tokio::sync::Semaphore>,
 }
+
+/// Most GCS calls in flight at once, across all clusters.
+pub const MAX_CONCURRENT_GCS_CALLS: usize = 32;
 
 /// Autoscaler timing.
 #[derive(Clone, Debug)]
@@ -420,10 +425,18 @@ struct Autoscale {
     condition: Option<(bool, &'static str, String)>,
 }
 
-/// The GCS address of a cluster: the override annotation, else the head Service's `gcs` port.
-pub fn gcs_address(cluster: &RayCluster, desired: &Desired) -> String {
+/// The GCS address of a cluster: the override annotation, else the head Service's ClusterIP and
+/// `gcs` port (no DNS lookup per poll), else the Service's DNS name.
+pub fn gcs_address(cluster: &RayCluster, desired: &Desired, service_ip: Option<&str>) -> String {
     if let Some(a) = cluster.annotations().get(GCS_ADDRESS_ANNOTATION).filter(|a| !a.is_empty()) {
         return a.clone();
+    }
+    if let Some(ip) = service_ip {
+        return if ip.contains(':') {
+            format!("[{ip}]:{}", desired.gcs_port)
+        } else {
+            format!("{ip}:{}", desired.gcs_port)
+        };
     }
     format!(
         "{}.{}.svc:{}",
@@ -487,7 +500,7 @@ fn autoscale(
         state.link = None;
         return hold(Default::default(), Some((false, "HeadNotRunning", "waiting for the head pod to run".into())));
     }
-    let addr = gcs_address(cluster, desired);
+    let addr = gcs_address(cluster, desired, ctx.cache.service_ip(key).as_deref());
     if state.link.as_ref().is_none_or(|l| l.addr() != addr) {
         let wake = state.wake.clone().unwrap_or_else(|| Arc::new(|| {}));
         debug!("{key}: connecting to GCS at {addr}");
@@ -497,6 +510,7 @@ fn autoscale(
             settings.interval,
             settings.timeout,
             ctx.metrics.clone(),
+            ctx.gcs_permits.clone(),
             wake,
         ));
     }

@@ -83,6 +83,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         fence: fence.clone(),
         autoscaler: settings.autoscaler.clone(),
         unschedulable_timeout: settings.unschedulable_timeout,
+        gcs_permits: Arc::new(tokio::sync::Semaphore::new(crate::reconciler::MAX_CONCURRENT_GCS_CALLS)),
     });
 
     let mut signals = Signals::new()?;
