@@ -284,9 +284,11 @@ pub async fn reconcile(ctx: &Context, key: &ClusterKey, state: &mut ClusterState
         Next::Continue
     } else if let Some(wait) = unschedulable_wait {
         Next::After(ctx.autoscaler.as_ref().map_or(wait, |a| wait.min(a.interval)))
-    } else if let (Some(a), Some(_)) = (&ctx.autoscaler, &state.link) {
+    } else if let (Some(a), Some(link)) = (&ctx.autoscaler, &state.link)
+        && link.health() == LinkHealth::Healthy
+    {
         // Idle timers advance without any event: look again each interval (no API calls unless
-        // something changes).
+        // something changes). An unhealthy link wakes us itself when it recovers.
         Next::After(a.interval)
     } else {
         Next::Idle

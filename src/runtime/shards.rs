@@ -108,8 +108,25 @@ async fn run_shard(
 ) {
     let mut queue: VecDeque<ClusterKey> = VecDeque::new();
     let mut queued: HashSet<ClusterKey> = HashSet::new();
+    // At most one pending timer per cluster (the earliest): a cluster woken by events while a
+    // timer is pending must not start a second periodic chain.
     let mut timers: BTreeMap<(Instant, u64), ClusterKey> = BTreeMap::new();
+    let mut timer_of: HashMap<ClusterKey, (Instant, u64)> = HashMap::new();
     let mut seq = 0u64;
+    let mut schedule = |timers: &mut BTreeMap<(Instant, u64), ClusterKey>,
+                        timer_of: &mut HashMap<ClusterKey, (Instant, u64)>,
+                        key: ClusterKey,
+                        at: Instant| {
+        if let Some(existing) = timer_of.get(&key) {
+            if existing.0 <= at {
+                return;
+            }
+            timers.remove(existing);
+        }
+        seq += 1;
+        timers.insert((at, seq), key.clone());
+        timer_of.insert(key, (at, seq));
+    };
     let mut states: HashMap<ClusterKey, ClusterState> = HashMap::new();
 
     let enqueue = |queue: &mut VecDeque<ClusterKey>, queued: &mut HashSet<ClusterKey>, key: ClusterKey| {
@@ -137,6 +154,7 @@ async fn run_shard(
                 break;
             }
             let key = entry.remove();
+            timer_of.remove(&key);
             enqueue(&mut queue, &mut queued, key);
         }
 
@@ -144,6 +162,9 @@ async fn run_shard(
             queued.remove(&key);
             if ctx.cache.cluster(&key).is_none() {
                 // Deleted: forget it at once (its children go with garbage collection).
+                if let Some(t) = timer_of.remove(&key) {
+                    timers.remove(&t);
+                }
                 if states.remove(&key).is_some() {
                     ctx.metrics.shard_clusters(id, states.len());
                 }
@@ -163,17 +184,13 @@ async fn run_shard(
             match result {
                 Ok(Next::Idle) => {}
                 Ok(Next::Continue) => enqueue(&mut queue, &mut queued, key),
-                Ok(Next::After(d)) => {
-                    seq += 1;
-                    timers.insert((Instant::now() + d, seq), key);
-                }
+                Ok(Next::After(d)) => schedule(&mut timers, &mut timer_of, key, Instant::now() + d),
                 Err(e) => {
                     state.failures += 1;
                     let delay = backoff(state.failures);
                     ctx.metrics.reconcile_error(e.reason());
                     warn!("{key}: reconcile failed (retry in {:.1}s): {e}", delay.as_secs_f64());
-                    seq += 1;
-                    timers.insert((Instant::now() + delay, seq), key);
+                    schedule(&mut timers, &mut timer_of, key, Instant::now() + delay);
                 }
             }
             ctx.metrics.shard_clusters(id, states.len());
