@@ -309,5 +309,47 @@ async fn autoscaler_against_a_real_ray_head() {
     })
     .await;
     eprintln!("recovered {:?} after the head restarted", started.elapsed());
+
+    // 6. Reaction time, measured (printed, not asserted: the machine is shared): demand appearing
+    //    in the GCS -> worker pod created, over 10 trials, each with a fresh RayCluster.
+    let pods_api: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let mut reactions = Vec::new();
+    for i in 0..10 {
+        let name = format!("react{i}");
+        let rc: RayCluster = serde_yaml::from_str(&manifest(&name, &gcs)).unwrap();
+        rcs.create(&PostParams::default(), &rc).await.unwrap();
+        wait_until(Duration::from_secs(60), "healthy", || async {
+            (condition(&client, &ns.name, &name).await? == ("True".into(), "GcsReachable".into())).then_some(())
+        })
+        .await;
+        ray.start_driver(gcs_port);
+        let t0 = wait_until(Duration::from_secs(60), "demand in the GCS", || async {
+            let s = state(&gcs).await?;
+            s.pending_resource_requests.iter().any(|d| d.shape.get("CPU") == Some(&4.0)).then(Instant::now)
+        })
+        .await;
+        wait_until(Duration::from_secs(20), "worker pod", || async {
+            let l = pods_api
+                .list(&ListParams::default().labels(&format!("ray-cluster-name={name},ray-node-type=worker")))
+                .await
+                .ok()?;
+            (!l.items.is_empty()).then_some(())
+        })
+        .await;
+        reactions.push(t0.elapsed());
+        ray.stop_driver();
+        rcs.delete(&name, &Default::default()).await.unwrap();
+        wait_until(Duration::from_secs(30), "demand gone", || async {
+            let s = state(&gcs).await?;
+            (!s.pending_resource_requests.iter().any(|d| d.shape.get("CPU") == Some(&4.0))).then_some(())
+        })
+        .await;
+    }
+    reactions.sort();
+    eprintln!(
+        "reaction (demand in GCS -> worker pod exists), 10 trials, --autoscaler-interval 0.5: p50 {:?}, max {:?}",
+        reactions[reactions.len() / 2],
+        reactions.last().unwrap()
+    );
     assert!(!op.logs().contains("panicked"));
 }
