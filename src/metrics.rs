@@ -29,6 +29,7 @@ pub struct Metrics {
     writes: Family<Labels, Counter>,
     autoscaler_decisions: Family<Labels, Counter>,
     gcs_errors: Counter,
+    gcs_calls: Family<Labels, Counter>,
     _unused: AtomicU64,
 }
 
@@ -52,6 +53,7 @@ impl Metrics {
         let writes = Family::<Labels, Counter>::default();
         let autoscaler_decisions = Family::<Labels, Counter>::default();
         let gcs_errors = Counter::default();
+        let gcs_calls = Family::<Labels, Counter>::default();
         registry.register("reconciles", "Reconcile passes run", reconciles.clone());
         registry.register("reconcile_duration_seconds", "Duration of one reconcile pass", reconcile_duration.clone());
         registry.register("reconcile_errors", "Failed reconcile passes by reason", errors.clone());
@@ -71,6 +73,7 @@ impl Metrics {
             autoscaler_decisions.clone(),
         );
         registry.register("gcs_errors", "Failed calls to a Ray head's GCS", gcs_errors.clone());
+        registry.register("gcs_calls", "Calls to Ray heads' GCS, by method", gcs_calls.clone());
         Self {
             registry,
             reconciles,
@@ -84,6 +87,7 @@ impl Metrics {
             writes,
             autoscaler_decisions,
             gcs_errors,
+            gcs_calls,
             _unused: AtomicU64::new(0),
         }
     }
@@ -126,6 +130,11 @@ impl Metrics {
 
     pub fn gcs_error(&self) {
         self.gcs_errors.inc();
+    }
+
+    /// One call to a GCS (`method` is the RPC name: a bounded set).
+    pub fn gcs_call(&self, method: &str) {
+        self.gcs_calls.get_or_create(&label("method", method)).inc();
     }
 
     /// The Prometheus text exposition of every metric.

@@ -267,6 +267,22 @@ async fn autoscaler_against_a_real_ray_head() {
     })
     .await;
 
+    // 2b. Steady state (demand and pods unchanged): the link polls once per interval and does not
+    //     resend an unchanged report. (A report kicking a poll that wakes a reconcile that
+    //     reports again would spin against the GCS: hundreds of calls a second.)
+    let calls = |text: &str, method: &str| -> f64 {
+        let key = format!("ray_operator_gcs_calls_total{{method=\"{method}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(&key)?.trim().parse().ok()).unwrap_or(0.0)
+    };
+    let m0 = op.get("/metrics").await.expect("metrics").1;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let m1 = op.get("/metrics").await.expect("metrics").1;
+    let polls = calls(&m1, "GetClusterResourceState") - calls(&m0, "GetClusterResourceState");
+    let reports = calls(&m1, "ReportAutoscalingState") - calls(&m0, "ReportAutoscalingState");
+    eprintln!("steady state, 5 s at --autoscaler-interval 0.5: {polls} polls, {reports} reports");
+    assert!((5.0..=14.0).contains(&polls), "about one poll per 0.5 s, not {polls} in 5 s");
+    assert!(reports <= 2.0, "an unchanged report is not resent every poll: {reports} in 5 s");
+
     // 3. A stand-in Ray worker for the first pod registers, runs one task; then the demand goes
     //    away, the node is idle (idleTimeoutMinutes 0) → drained and its pod deleted.
     let first = pods[0].name_any();

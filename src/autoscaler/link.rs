@@ -39,12 +39,31 @@ pub enum DrainState {
     Rejected(String),
 }
 
+/// How often an unchanged report is sent again anyway, so the GCS's view (`ray status`) is
+/// restored soon after anything on its side lost it.
+const REPORT_REFRESH: Duration = Duration::from_secs(30);
+
 #[derive(Default)]
 struct Shared {
     snapshot: Option<(ClusterState, Instant)>,
     health: Option<LinkHealth>,
+    /// The report waiting to be sent.
     report: Option<AutoscalingReport>,
+    /// The content of the last report the GCS accepted (version cleared) and when it was sent.
+    sent: Option<(AutoscalingReport, Instant)>,
     drains: BTreeMap<String, (String, DrainState)>,
+}
+
+/// A report with the fields that change on every decision, whatever was decided, cleared: two
+/// reports with equal content say the same thing to the GCS.
+fn content(r: &AutoscalingReport) -> AutoscalingReport {
+    AutoscalingReport { cluster_state_version: 0, ..r.clone() }
+}
+
+/// The cluster state with the fields that change on every read cleared: the GCS increments
+/// `version` on each `GetClusterResourceState`, so comparing it would call every poll a change.
+fn state_content(s: &ClusterState) -> ClusterState {
+    ClusterState { version: 0, ..s.clone() }
 }
 
 /// Handle held by the cluster's state in its shard; dropping it stops the task.
@@ -99,10 +118,26 @@ impl RayLink {
         self.lock().health.clone().unwrap_or(LinkHealth::Connecting)
     }
 
-    /// Queues the report to send (the newest replaces an unsent older one).
+    /// Queues the report to send (the newest replaces an unsent older one). A report that says
+    /// something new is sent at once (the link polls early); one equal to what the GCS already has
+    /// is dropped, and refreshed with the regular poll every [`REPORT_REFRESH`]. Never kicking
+    /// for an unchanged report matters: each reconcile reports, and each poll can wake a
+    /// reconcile, so kicking every time would poll the GCS in a loop.
     pub fn report(&self, report: AutoscalingReport) {
-        self.lock().report = Some(report);
-        self.kick.notify_one();
+        let mut s = self.lock();
+        let new = content(&report);
+        match &s.sent {
+            Some((sent, at)) if *sent == new && at.elapsed() < REPORT_REFRESH => {}
+            Some((sent, _)) if *sent == new => s.report = Some(report),
+            _ => {
+                let changed = s.report.as_ref().is_none_or(|queued| content(queued) != new);
+                s.report = Some(report);
+                drop(s);
+                if changed {
+                    self.kick.notify_one();
+                }
+            }
+        }
     }
 
     /// Asks the GCS to drain a node (idle termination) unless already asked.
@@ -141,7 +176,7 @@ async fn run(
     let lock = || shared.lock().unwrap_or_else(|e| e.into_inner());
     let mut client: Option<GcsClient> = None;
     let mut failures = 0u32;
-    let mut last_version = None;
+    let mut last_state: Option<ClusterState> = None;
     loop {
         let started = Instant::now();
         // A bounded number of GCS conversations at once, whatever the number of clusters: keeps the
@@ -157,13 +192,20 @@ async fn run(
         if let Some(c) = client.as_mut() {
             // Boxed: a gRPC call's future is large; boxing keeps each idle link task small (one
             // per cluster, thousands of them) and allocates the call state only while it runs.
+            metrics.gcs_call("GetClusterResourceState");
             match Box::pin(c.get_cluster_resource_state()).await {
                 Ok(state) => {
                     ok = true;
-                    let changed = last_version != Some(state.version);
-                    last_version = Some(state.version);
+                    let now = state_content(&state);
+                    let changed = last_state.as_ref() != Some(&now);
+                    let restarted = last_state.as_ref().is_some_and(|l| l.session_name != now.session_name);
+                    last_state = Some(now);
                     let was = {
                         let mut s = lock();
+                        if restarted {
+                            // A new GCS knows nothing of our earlier reports.
+                            s.sent = None;
+                        }
                         s.snapshot = Some((state, Instant::now()));
                         s.health.replace(LinkHealth::Healthy)
                     };
@@ -192,7 +234,7 @@ async fn run(
             }
         }
         if ok && let Some(c) = client.as_mut() {
-            Box::pin(send_outbox(&prefix, c, &shared, &wake)).await;
+            Box::pin(send_outbox(&prefix, c, &shared, &wake, &metrics)).await;
         }
         drop(_permit);
         // Poll every `interval`; after failures back off (up to 30 s) so a dead head costs little.
@@ -208,7 +250,13 @@ async fn run(
     }
 }
 
-async fn send_outbox(prefix: &str, client: &mut GcsClient, shared: &Arc<Mutex<Shared>>, wake: &Waker) {
+async fn send_outbox(
+    prefix: &str,
+    client: &mut GcsClient,
+    shared: &Arc<Mutex<Shared>>,
+    wake: &Waker,
+    metrics: &Metrics,
+) {
     let lock = || shared.lock().unwrap_or_else(|e| e.into_inner());
     let pending: Vec<(String, String)> = lock()
         .drains
@@ -217,6 +265,7 @@ async fn send_outbox(prefix: &str, client: &mut GcsClient, shared: &Arc<Mutex<Sh
         .map(|(pod, (node, _))| (pod.clone(), node.clone()))
         .collect();
     for (pod, node) in pending {
+        metrics.gcs_call("DrainNode");
         let result =
             client.drain_node(&node, DrainReason::IdleTermination, "idle worker removed by ray-operator", None).await;
         let state = match result {
@@ -240,9 +289,12 @@ async fn send_outbox(prefix: &str, client: &mut GcsClient, shared: &Arc<Mutex<Sh
         wake();
     }
     let report = lock().report.take();
-    if let Some(r) = report
-        && let Err(e) = client.report_autoscaling_state(&r).await
-    {
-        debug!("{prefix}: report failed: {e}");
+    if let Some(r) = report {
+        metrics.gcs_call("ReportAutoscalingState");
+        match client.report_autoscaling_state(&r).await {
+            Ok(_) => lock().sent = Some((content(&r), Instant::now())),
+            // Not recorded as sent: the next reconcile queues it again.
+            Err(e) => debug!("{prefix}: report failed: {e}"),
+        }
     }
 }
