@@ -172,7 +172,9 @@ fn hash_changes_only_with_what_shapes_the_pod() {
     assert_eq!(d0, desired::desired(&base).unwrap());
 
     let mut worker_changed = base.clone();
-    worker_changed.spec.pod_types[1].pod_config.0["spec"]["containers"][0]["image"] = "rayproject/ray:2.60.0".into();
+    worker_changed.spec.pod_types[1]
+        .pod_config
+        .edit(|v| v["spec"]["containers"][0]["image"] = "rayproject/ray:2.60.0".into());
     let d1 = desired::desired(&worker_changed).unwrap();
     assert_eq!(d1.head.hash, d0.head.hash, "a worker change leaves the head alone");
     assert_ne!(d1.workers[0].hash, d0.workers[0].hash);
@@ -207,7 +209,7 @@ fn hash_changes_only_with_what_shapes_the_pod() {
 #[test]
 fn invalid_pod_config_names_the_field() {
     let mut c = load("deploy/example_cluster.yaml");
-    c.spec.pod_types[1].pod_config.0["spec"]["containers"][0]["image"] = serde_json::json!(42);
+    c.spec.pod_types[1].pod_config.edit(|v| v["spec"]["containers"][0]["image"] = serde_json::json!(42));
     let err = desired::desired(&c).unwrap_err();
     assert!(err.field.starts_with("spec.podTypes[1].podConfig.spec.containers[0].image"), "{err}");
     assert!(err.message.contains("invalid type"), "{err}");

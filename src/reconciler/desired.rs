@@ -229,7 +229,7 @@ fn pod_template(
     let name = cluster.name_any();
     let namespace = cluster.namespace().unwrap_or_default();
     let field = format!("spec.podTypes[{index}].podConfig");
-    let config = serde_json::Value::Object(pod_type.pod_config.0.clone());
+    let config = pod_type.pod_config.to_value();
     let mut pod: Pod = serde_path_to_error::deserialize(config.clone()).map_err(|e| InvalidSpec {
         field: if e.path().to_string() == "." { field.clone() } else { format!("{field}.{}", e.path()) },
         message: e.inner().to_string(),
