@@ -113,7 +113,16 @@ pub struct ClusterState {
     /// and clamped to the type's bounds. Kept here rather than recounted from pods, because during
     /// a rolling replacement old and new pods of one logical worker both exist.
     pub targets: std::collections::BTreeMap<String, u32>,
+    /// When a status change that is not urgent (same phase, same generation) is written at the
+    /// latest; set while one waits. See [`STATUS_COALESCE`].
+    pub status_due: Option<std::time::Instant>,
 }
+
+/// How long a status change within the same phase may wait for the next one. Counting ready
+/// pods one by one (`workers 3/500`, `4/500`, ...) would cost a status write per pod event, and
+/// bringing a cluster up would take three (created, head ready, all ready) where two say the
+/// same; phase and generation changes are written at once.
+pub const STATUS_COALESCE: Duration = Duration::from_secs(1);
 
 /// What the caller should do next with this cluster.
 #[derive(Debug, PartialEq, Eq)]
@@ -129,6 +138,22 @@ pub enum Next {
 /// Fingerprint of everything that may turn a rejected spec into an accepted one.
 fn spec_fingerprint(cluster: &RayCluster) -> String {
     format!("{:?}/{:?}", cluster.metadata.generation, cluster.metadata.annotations)
+}
+
+/// One write of a reconcile pass.
+enum Write<'a> {
+    Service,
+    /// Pods of the head (`None`) or of `workers[i]`, and how many.
+    Pods(Option<usize>, usize),
+    Delete(&'a str, &'a str, plan::DeleteReason),
+}
+
+/// What a write created, for the pass's Event.
+struct Created {
+    reason: &'static str,
+    note: String,
+    /// The (last) pod created, for the status's head pod name.
+    last_pod: Option<String>,
 }
 
 fn event(ctx: &Context, cluster: &RayCluster, type_: EventType, reason: &str, note: String) {
@@ -198,55 +223,85 @@ pub async fn reconcile(ctx: &Context, key: &ClusterKey, state: &mut ClusterState
         event(ctx, &cluster, EventType::Normal, "Autoscaled", summary.clone());
         ctx.metrics.autoscaler_decision(if auto.scaled_up { "up" } else { "down" });
     }
-    let mut head_name = None;
+    // The pass's writes are independent of each other (the head's address reaches workers by DNS
+    // or the Service, not by the head pod existing), so they go out together: one round trip per
+    // pass instead of one per object, which is what lets a shard keep up with the API server.
     let mut more = false;
     let mut budget = ctx.create_batch.max(1);
+    let mut writes = Vec::new();
     for action in &plan.actions {
-        let result = match action {
-            Action::ApplyService => apply_service(ctx, key, &cluster, &desired).await,
+        match action {
             Action::CreatePods { worker, count } => {
                 let n = (*count).min(budget);
                 budget -= n;
                 more |= n < *count;
-                let created = create_pods(ctx, key, &cluster, &desired, *worker, n, &plan).await;
-                if worker.is_none()
-                    && let Ok(Some(name)) = &created
-                {
-                    head_name = Some(name.clone());
+                if n > 0 {
+                    writes.push(Write::Pods(*worker, n));
                 }
-                created.map(|_| ())
             }
-            Action::DeletePod { name, uid, reason } => {
+            Action::ApplyService => writes.push(Write::Service),
+            Action::DeletePod { name, uid, reason } => writes.push(Write::Delete(name, uid, *reason)),
+        }
+    }
+    let (desired_ref, plan_ref, cluster_ref) = (&desired, &plan, &cluster);
+    let results = join_all(writes.iter().map(|w| async move {
+        let (desired, plan, cluster) = (desired_ref, plan_ref, cluster_ref);
+        match w {
+            Write::Service => apply_service(ctx, key, desired).await.map(Some),
+            Write::Pods(worker, n) => create_pods(ctx, key, desired, *worker, *n, plan).await,
+            Write::Delete(name, uid, reason) => {
                 info!("{key}: deleting pod {name} ({})", reason.as_str());
                 delete_pod(ctx, key, name, uid).await.map(|()| {
-                    event(
-                        ctx,
-                        &cluster,
-                        EventType::Normal,
-                        "DeletedPod",
-                        format!("Deleted pod {name} ({})", reason.as_str()),
-                    );
+                    let note = format!("Deleted pod {name} ({})", reason.as_str());
+                    event(ctx, cluster, EventType::Normal, "DeletedPod", note);
+                    None
                 })
             }
-        };
+        }
+    }))
+    .await;
+    let mut head_name = None;
+    let mut created: Vec<(&'static str, String)> = Vec::new();
+    let mut failure = None;
+    for (w, result) in writes.iter().zip(results) {
         match result {
-            Ok(()) => {}
-            Err(Error::Rejected { kind, message }) => {
-                let invalid = InvalidSpec { field: format!("spec.podTypes (the {kind} built from it)"), message };
-                warn!("{key}: the API server rejected a {kind}: {}", invalid.message);
-                event(ctx, &cluster, EventType::Warning, "InvalidSpec", invalid.to_string());
-                state.rejected = Some(spec_fingerprint(&cluster));
-                let status = plan::error_status(&observed, &invalid, now);
-                if cluster.status.as_ref() != Some(&status) {
-                    write_status(ctx, &cluster, status).await?;
+            Ok(Some(done)) => {
+                if matches!(w, Write::Pods(None, _)) {
+                    head_name = done.last_pod.clone();
                 }
-                return Ok(Next::Idle);
+                created.push((done.reason, done.note));
             }
-            Err(e) => return Err(e),
+            Ok(None) => {}
+            // A rejection is the user's to fix and wins over a transient error of another write.
+            Err(e @ Error::Rejected { .. }) => failure = Some(e),
+            Err(e) => {
+                if failure.is_none() {
+                    failure = Some(e);
+                }
+            }
         }
-        if budget == 0 && more {
-            break;
+    }
+    // One Event per pass for what it created (the bring-up of a cluster is one Event, not three):
+    // Events cost the API server as much as the objects themselves.
+    if !created.is_empty() {
+        let reason = if created.iter().all(|(r, _)| *r == created[0].0) { created[0].0 } else { "Created" };
+        let note = created.iter().map(|(_, n)| n.as_str()).collect::<Vec<_>>().join("; ");
+        event(ctx, &cluster, EventType::Normal, reason, note);
+    }
+    match failure {
+        None => {}
+        Some(Error::Rejected { kind, message }) => {
+            let invalid = InvalidSpec { field: format!("spec.podTypes (the {kind} built from it)"), message };
+            warn!("{key}: the API server rejected a {kind}: {}", invalid.message);
+            event(ctx, &cluster, EventType::Warning, "InvalidSpec", invalid.to_string());
+            state.rejected = Some(spec_fingerprint(&cluster));
+            let status = plan::error_status(&observed, &invalid, now);
+            if cluster.status.as_ref() != Some(&status) {
+                write_status(ctx, &cluster, status).await?;
+            }
+            return Ok(Next::Idle);
         }
+        Some(e) => return Err(e),
     }
 
     if plan.head_recovery {
@@ -260,15 +315,26 @@ pub async fn reconcile(ctx: &Context, key: &ClusterKey, state: &mut ClusterState
     if let Some(c) = auto.condition {
         plan::set_condition(&mut status, cluster.status.as_ref(), c, now);
     }
+    let mut status_wait = None;
     if cluster.status.as_ref() != Some(&status) {
-        if cluster.status.as_ref().and_then(|s| s.phase) != status.phase {
-            info!(
-                "{key}: phase {} -> {}",
-                cluster.status.as_ref().and_then(|s| s.phase).map_or("<none>", |p| p.as_str()),
-                status.phase.map_or("<none>", |p| p.as_str())
-            );
+        let old = cluster.status.as_ref();
+        let urgent = old.is_none_or(|o| o.phase != status.phase || o.observed_generation != status.observed_generation);
+        let due = *state.status_due.get_or_insert_with(|| std::time::Instant::now() + STATUS_COALESCE);
+        if urgent || std::time::Instant::now() >= due {
+            if old.and_then(|s| s.phase) != status.phase {
+                info!(
+                    "{key}: phase {} -> {}",
+                    old.and_then(|s| s.phase).map_or("<none>", |p| p.as_str()),
+                    status.phase.map_or("<none>", |p| p.as_str())
+                );
+            }
+            write_status(ctx, &cluster, status).await?;
+            state.status_due = None;
+        } else {
+            status_wait = Some(due.saturating_duration_since(std::time::Instant::now()));
         }
-        write_status(ctx, &cluster, status).await?;
+    } else {
+        state.status_due = None;
     }
     state.failures = 0;
     // An unschedulable pod's timeout passes without any event: come back when it does.
@@ -280,7 +346,7 @@ pub async fn reconcile(ctx: &Context, key: &ClusterKey, state: &mut ClusterState
             Duration::from_secs_f64((ctx.unschedulable_timeout.as_secs_f64() - stuck).max(0.0) + 0.1)
         })
         .min();
-    Ok(if more {
+    let next = if more {
         Next::Continue
     } else if let Some(wait) = unschedulable_wait {
         Next::After(ctx.autoscaler.as_ref().map_or(wait, |a| wait.min(a.interval)))
@@ -292,6 +358,12 @@ pub async fn reconcile(ctx: &Context, key: &ClusterKey, state: &mut ClusterState
         Next::After(a.interval)
     } else {
         Next::Idle
+    };
+    // A deferred status write comes back by itself.
+    Ok(match (next, status_wait) {
+        (Next::Idle, Some(w)) => Next::After(w),
+        (Next::After(d), Some(w)) => Next::After(d.min(w)),
+        (next, _) => next,
     })
 }
 
@@ -305,7 +377,7 @@ async fn write_status(ctx: &Context, cluster: &RayCluster, status: RayClusterSta
     Ok(())
 }
 
-async fn apply_service(ctx: &Context, key: &ClusterKey, cluster: &RayCluster, desired: &Desired) -> Result<(), Error> {
+async fn apply_service(ctx: &Context, key: &ClusterKey, desired: &Desired) -> Result<Created, Error> {
     let mut svc: Service = desired.service.clone();
     svc.metadata.labels.get_or_insert_with(BTreeMap::new).insert(LABEL_LAUNCH_HASH.into(), plan::service_hash(desired));
     let name = svc.name_any();
@@ -324,14 +396,11 @@ async fn apply_service(ctx: &Context, key: &ClusterKey, cluster: &RayCluster, de
     ctx.cache.put_service(&applied);
     let verb = if existed { "updated" } else { "created" };
     info!("{key}: {verb} head service {name}");
-    event(
-        ctx,
-        cluster,
-        EventType::Normal,
-        if existed { "UpdatedService" } else { "CreatedService" },
-        format!("{verb} head service {name}"),
-    );
-    Ok(())
+    Ok(Created {
+        reason: if existed { "UpdatedService" } else { "CreatedService" },
+        note: format!("{} head service {name}", if existed { "Updated" } else { "Created" }),
+        last_pod: None,
+    })
 }
 
 /// 400/422 from a create means the object we built from the user's spec is invalid: that is the
@@ -343,16 +412,15 @@ fn rejected_or(e: kube::Error, kind: &'static str) -> Error {
     }
 }
 
-/// Creates `n` pods of one template concurrently; returns the last created pod's name.
+/// Creates `n` pods of one template concurrently. `None` when there was nothing to create.
 async fn create_pods(
     ctx: &Context,
     key: &ClusterKey,
-    cluster: &RayCluster,
     desired: &Desired,
     worker: Option<usize>,
     n: usize,
     plan: &plan::Plan,
-) -> Result<Option<String>, Error> {
+) -> Result<Option<Created>, Error> {
     let template = match worker {
         None => &desired.head,
         Some(i) => match desired.workers.get(i) {
@@ -380,19 +448,23 @@ async fn create_pods(
             }
         }
     }
-    if !names.is_empty() {
+    let created = (!names.is_empty()).then(|| {
         let what = match worker {
             None if plan.head_recovery => "replacement head pod".to_string(),
             None => "head pod".to_string(),
             Some(_) => format!("{} worker pod(s) of type {}", names.len(), template.type_name),
         };
         info!("{key}: created {what}: {}", names.join(", "));
-        let reason = if worker.is_none() { "CreatedHeadPod" } else { "CreatedWorkerPods" };
-        event(ctx, cluster, EventType::Normal, reason, format!("Created {what}: {}", names.join(", ")));
-    }
+        Created {
+            reason: if worker.is_none() { "CreatedHeadPod" } else { "CreatedWorkerPods" },
+            note: format!("Created {what}: {}", names.join(", ")),
+            last_pod: names.last().cloned(),
+        }
+    });
     match first_err {
+        // Created pods are in the cache; their Event is lost, their log line is not.
         Some(e) => Err(e),
-        None => Ok(names.pop()),
+        None => Ok(created),
     }
 }
 
