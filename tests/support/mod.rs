@@ -77,11 +77,13 @@ pub fn audit_log() -> PathBuf {
 
 /// The control plane of this test run.
 pub fn control_plane() -> &'static ControlPlane {
-    static CP: OnceLock<ControlPlane> = OnceLock::new();
-    CP.get_or_init(|| {
+    // The outcome, failure included: a failed `up` must fail every test with its message, not
+    // be retried by the next test in the same directory.
+    static CP: OnceLock<Result<ControlPlane, String>> = OnceLock::new();
+    let cp = CP.get_or_init(|| {
         if let (Ok(k), Ok(b)) = (std::env::var("RAY_OPERATOR_TEST_KUBECONFIG"), std::env::var("RAY_OPERATOR_TEST_BIN"))
         {
-            return ControlPlane { kubeconfig: k.into(), bin: b.into() };
+            return Ok(ControlPlane { kubeconfig: k.into(), bin: b.into() });
         }
         let dir = std::env::temp_dir().join(format!("ray-operator-test-cp-{}", std::process::id()));
         let out = Command::new(repo().join("e2e/cluster"))
@@ -90,8 +92,10 @@ pub fn control_plane() -> &'static ControlPlane {
             .env("CP_OWNER_PID", std::process::id().to_string())
             .stderr(Stdio::inherit())
             .output()
-            .expect("run e2e/cluster up");
-        assert!(out.status.success(), "e2e/cluster up failed");
+            .map_err(|e| format!("run e2e/cluster up: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("e2e/cluster up failed ({}); its log is above", out.status));
+        }
         let text = String::from_utf8_lossy(&out.stdout);
         let mut kubeconfig = None;
         let mut bin = None;
@@ -103,11 +107,15 @@ pub fn control_plane() -> &'static ControlPlane {
                 bin = v.split(':').next().map(PathBuf::from);
             }
         }
-        ControlPlane {
-            kubeconfig: kubeconfig.expect("KUBECONFIG from e2e/cluster up"),
-            bin: bin.expect("PATH from e2e/cluster up"),
-        }
-    })
+        Ok(ControlPlane {
+            kubeconfig: kubeconfig.ok_or("no KUBECONFIG from e2e/cluster up")?,
+            bin: bin.ok_or("no PATH from e2e/cluster up")?,
+        })
+    });
+    match cp {
+        Ok(cp) => cp,
+        Err(e) => panic!("no control plane: {e}"),
+    }
 }
 
 /// An admin client for the test control plane.
