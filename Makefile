@@ -1,7 +1,7 @@
 # The two commands a reader needs first:
 #   make demo   local control plane + two operator replicas + both example clusters
 #   make test   every check and test, against a real local control plane
-.PHONY: test demo demo-down build crd
+.PHONY: test demo demo-down build crd bench
 
 test:
 	e2e/test
@@ -14,6 +14,10 @@ demo-down:
 
 build:
 	cargo build --locked --release
+
+# The benchmarks of SPEC §7; rewrites BENCHMARKS.md (about an hour on 2 cores).
+bench:
+	e2e/bench
 
 # Regenerate the CRD files from the Rust types (a test fails when they drift).
 crd:
