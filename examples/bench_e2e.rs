@@ -75,10 +75,10 @@ struct Args {
     /// Scale sizes (number of RayClusters); default 100,1000 (smoke: 20).
     #[arg(long, value_delimiter = ',')]
     sizes: Vec<usize>,
-    /// Repetitions of each scale size (default: 5 at N <= 100, 3 above; smoke: 1).
+    /// Repetitions of each scale size (default: 5 at N <= 100, 2 above; smoke: 1).
     #[arg(long)]
     reps: Option<usize>,
-    /// Idle window in seconds (default 600; smoke 15).
+    /// Idle window in seconds (default 300; smoke 15).
     #[arg(long)]
     idle_secs: Option<u64>,
     /// Requests in flight when applying RayClusters, for both the operator run and the baseline.
@@ -125,7 +125,7 @@ impl Opts {
         } else if n <= 100 {
             5
         } else {
-            3
+            2
         })
     }
     /// Whether to run the diagnostic baseline with the operator's request mix at size `n`: at the
