@@ -769,7 +769,7 @@ impl OpProc {
             .env("KUBECONFIG", &cp.kubeconfig)
             .env("POD_NAME", name)
             .env("POD_NAMESPACE", lease_ns)
-            .env_remove("RUST_LOG")
+            .env("RUST_LOG", std::env::var("BENCH_OPERATOR_LOG").unwrap_or_else(|_| "info,kube=warn".into()))
             .env_remove("RAY_OPERATOR_POD_NAMESPACE")
             .env_remove("RAY_OPERATOR_NAMESPACES")
             .stdout(file.try_clone()?)
@@ -1993,6 +1993,15 @@ fn reaction_cluster(name: &str, gcs: &str) -> Result<RayCluster> {
     }))?)
 }
 
+/// GCS polls the operator has made (all clusters).
+async fn gcs_polls(op: &OpProc) -> f64 {
+    let m = op.metrics().await;
+    m.lines()
+        .filter(|l| l.starts_with("ray_operator_gcs_calls_total{method=\"GetClusterResourceState\"}"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 async fn autoscaler_healthy(rcs: &Api<RayCluster>, name: &str) -> bool {
     let Ok(rc) = rcs.get(name).await else { return false };
     rc.status.is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "AutoscalerHealthy" && c.status == "True"))
@@ -2029,6 +2038,14 @@ async fn reaction_measure(opts: &Opts, configs: &[(String, Vec<String>)]) -> Res
                 autoscaler_healthy(&rcs, &name).await.then_some(())
             })
             .await?;
+            // A random pause (0–1 s) first: the driver's start-up time is nearly constant, so
+            // without it the demand would arrive at the same phase of the operator's poll timer
+            // (which starts with the cluster's link) in every trial, and the trials would sample
+            // one point of the poll cycle instead of all of it.
+            let polls0 = gcs_polls(&op).await;
+            let t_trial = Instant::now();
+            let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?.subsec_nanos();
+            tokio::time::sleep(Duration::from_nanos(u64::from(nanos) % 1_000_000_000)).await;
             head.start_driver(opts)?;
             let (appeared_after, seen) = head.demand_appeared(Duration::from_secs(90)).await?;
             let t1 = tracker
@@ -2040,7 +2057,12 @@ async fn reaction_measure(opts: &Opts, configs: &[(String, Vec<String>)]) -> Res
             // its start, so it can only be too large, never too small.
             let dt = t1.saturating_duration_since(appeared_after).as_secs_f64();
             let window = seen.saturating_duration_since(appeared_after).as_secs_f64();
-            log(format!("reaction {label} trial {i}: {dt:.3} s (demand seen within a {window:.3} s window)"));
+            let polls = gcs_polls(&op).await - polls0;
+            let trial_s = t1.saturating_duration_since(t_trial).as_secs_f64();
+            log(format!(
+                "reaction {label} trial {i}: {dt:.3} s (demand seen within a {window:.3} s window; \
+                 {polls} GCS polls in the trial's {trial_s:.1} s)"
+            ));
             samples.push(dt);
             windows.push(window);
             head.stop_driver();
@@ -2079,8 +2101,8 @@ async fn reaction(opts: &Opts) -> Result<Section> {
     sec.method = vec![format!(
         "A real Ray head (ray==2.60.0 from PyPI, `ray start --head --no-monitor`, 1 CPU) runs as local processes; \
          each trial creates a fresh RayCluster whose annotation `cluster.ray.io/gcs-address` points the operator's \
-         autoscaler at that head, waits for `AutoscalerHealthy=True`, then starts a Python driver that submits two \
-         4-CPU tasks. The benchmark polls the GCS itself (`GetClusterResourceState` every 10 ms on one \
+         autoscaler at that head, waits for `AutoscalerHealthy=True` and a random 0–1 s (so the trials sample the whole poll \
+         cycle, not one phase of it), then starts a Python driver that submits two 4-CPU tasks. The benchmark polls the GCS itself (`GetClusterResourceState` every 10 ms on one \
          connection): the demand appeared between the last poll that did not show it and the first that did. The \
          clock starts at the beginning of that window (so the figure errs on the large side) and stops when the \
          benchmark's pod watch sees the cluster's first worker pod; the driver is then stopped and the cluster \
