@@ -430,8 +430,14 @@ async fn create_pods(
     };
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &key.namespace);
     let pp = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
-    ctx.may_write()?;
-    let results = join_all((0..n).map(|_| api.create(&pp, &template.pod))).await;
+    let results = join_all((0..n).map(|_| async {
+        // Checked per request, as late as possible: a leader frozen in the middle of a batch
+        // (SIGSTOP, a stalled node) must not send the rest of it when it wakes after losing the
+        // Lease. Checking once for the whole batch left every request not yet sent exposed.
+        ctx.may_write()?;
+        api.create(&pp, &template.pod).await.map_err(|e| rejected_or(e, "Pod"))
+    }))
+    .await;
     let mut names = Vec::new();
     let mut first_err = None;
     for r in results {
@@ -443,7 +449,7 @@ async fn create_pods(
             }
             Err(e) => {
                 if first_err.is_none() {
-                    first_err = Some(rejected_or(e, "Pod"));
+                    first_err = Some(e);
                 }
             }
         }
