@@ -1837,18 +1837,7 @@ async fn failover(opts: &Opts) -> Result<Section> {
 // ---------------------------------------------------------------------------------------------
 
 /// A Python driver that asks for what the head cannot give (it has 1 CPU): two 4-CPU tasks.
-const RAY_DRIVER: &str = r#"
-import sys, time, ray
-ray.init(address=sys.argv[1])
-
-@ray.remote(num_cpus=4)
-def big():
-    time.sleep(3600)
-
-refs = [big.remote() for _ in range(2)]
-print("submitted", flush=True)
-time.sleep(3600)
-"#;
+const RAY_DRIVER: &str = include_str!("../tests/fixtures/ray/demand_driver.py");
 
 fn kill_group(pgid: u32) {
     let _ = Command::new("kill").args(["-KILL", "--", &format!("-{pgid}")]).stderr(Stdio::null()).status();

@@ -17,18 +17,8 @@ use ray_operator::api::RayCluster;
 use ray_operator::ray::{ClusterState, GcsClient, NodeStatus};
 use support::*;
 
-const DRIVER: &str = r#"
-import sys, time, ray
-ray.init(address=sys.argv[1])
-
-@ray.remote(num_cpus=4)
-def big():
-    time.sleep(3600)
-
-refs = [big.remote() for _ in range(2)]
-print("submitted", flush=True)
-time.sleep(3600)
-"#;
+/// Two 4-CPU tasks the 1-CPU head cannot run: demand for the autoscaler.
+const DRIVER: &str = include_str!("fixtures/ray/demand_driver.py");
 
 fn ray_bin() -> PathBuf {
     let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/ray-venv"))
