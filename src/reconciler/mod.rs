@@ -583,7 +583,7 @@ fn autoscale(
     let addr = gcs_address(cluster, desired, ctx.cache.service_ip(key).as_deref());
     if state.link.as_ref().is_none_or(|l| l.addr() != addr) {
         let wake = state.wake.clone().unwrap_or_else(|| Arc::new(|| {}));
-        debug!("{key}: connecting to GCS at {addr}");
+        info!("{key}: connecting to GCS at {addr}");
         state.link = Some(RayLink::start(
             key.to_string(),
             addr.clone(),
