@@ -341,3 +341,23 @@ fn ray_pods_get_probes_that_fail_when_ray_dies_unless_they_bring_their_own() {
     assert!(w.liveness_probe.as_ref().unwrap().tcp_socket.is_some(), "the user's probe is kept");
     assert!(w.startup_probe.is_none(), "and none is added beside it");
 }
+
+#[test]
+fn a_line_fails_the_container_only_when_its_last_command_fails() {
+    let container = k8s_openapi::api::core::v1::Container {
+        command: Some(vec!["echo".into(), "original".into()]),
+        ..Default::default()
+    };
+    let run = |setup: &[&str]| {
+        let setup: Vec<String> = setup.iter().map(|s| s.to_string()).collect();
+        let cmd = desired::wrap_entrypoint(&setup, &["echo started $X".into()], &container);
+        let out = std::process::Command::new(&cmd[0]).args(&cmd[1..]).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    // The examples' `ulimit -n 65536; ray start`: the refused ulimit (simulated by `false`) does not
+    // stop the line; an export carries over to the next line.
+    assert_eq!(run(&["false; export X=1"]), (Some(0), "started 1\noriginal\n".into()));
+    // A line whose last command fails stops the container with that status, before Ray starts.
+    assert_eq!(run(&["true; exit 3"]).0, Some(3));
+    assert_eq!(run(&["echo a; false"]), (Some(1), "a\n".into()));
+}

@@ -172,10 +172,15 @@ fn shell_quote(word: &str) -> String {
 pub fn wrap_entrypoint(setup: &[String], start: &[String], container: &Container) -> Vec<String> {
     let mut original: Vec<String> = container.command.clone().unwrap_or_default();
     original.extend(container.args.clone().unwrap_or_default());
-    let mut script = String::from("set -e\n");
+    // Each line fails the container when its *last* command fails, as each line was one command to
+    // the legacy operator: the examples' `ulimit -n 65536; ray start ...` must start Ray where the
+    // ulimit is refused (no CAP_SYS_RESOURCE, a lower hard limit), which `set -e` would not allow.
+    // The braces keep `cd` and `export` of one line in force for the next.
+    let mut script = String::new();
     for line in setup.iter().chain(start) {
+        script.push_str("{ ");
         script.push_str(line);
-        script.push('\n');
+        script.push_str("\n} || exit $?\n");
     }
     if original.is_empty() {
         // No command of its own: keep the container (and Ray) alive, as the legacy examples do.
