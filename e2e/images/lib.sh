@@ -18,6 +18,16 @@ hash_of() {
 
 log() { echo "images: $*" >&2; }
 
+# lock_image DIR : one build of an image at a time (the node harness and a developer may both run
+# e2e/images/build); held until the script exits. Returns 1 if another build completed DIR while
+# we waited, so the caller can print its line and stop.
+lock_image() {
+  mkdir -p "$images_cache"
+  exec 9>"$1.lock"
+  flock 9
+  [[ ! -f $1/.complete ]]
+}
+
 # oci_from_tar LAYOUT TAG LAYER.tar [umoci config flags...] : a one-layer image tagged TAG in a new
 # OCI layout. The tar must be uncompressed; umoci gzips it into a blob.
 oci_from_tar() {
