@@ -1,4 +1,6 @@
 # shellcheck shell=bash
+# shellcheck disable=SC2154 # D, API_PORT, bin, node_bin, here, cache_root come from e2e/cluster
+# shellcheck disable=SC2034 # RN_SVC_API_IP and RN_POD_CIDR are used by e2e/cluster too
 # The real test node of `e2e/cluster up --real-node`: sourced by e2e/cluster, which provides
 # D (the cluster dir), API_PORT, bin (control plane binaries), log, start, wait_for, free_port.
 #
@@ -90,6 +92,7 @@ rn_net_up() {
 # Like `start`, but the process (and all it starts) runs in the egress-filtered cgroup.
 rn_start() {
   local name=$1; shift
+  # shellcheck disable=SC2016 # $$ and $@ are the inner shell's
   setsid bash -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$RN_CGROUP" "$@" >"$D/$name.log" 2>&1 </dev/null &
   echo "$! $name" >>"$D/pids"
 }
@@ -98,7 +101,7 @@ rn_start() {
 
 rn_pki() {
   (
-    cd "$D/pki"
+    cd "$D/pki" || exit 1
     sign() { # $1=stem $2=subject $3=extensions
       openssl req -newkey rsa:2048 -nodes -keyout "$1.key" -out "$1.csr" -subj "$2"
       printf '%b' "$3" >"$1.ext"
@@ -117,10 +120,14 @@ rn_pki() {
 # A tiny image made here from Debian's busybox-static (no registry involved): the harness's own
 # test fixture, and the sandbox ("pause") image until e2e/images/build provides one.
 rn_fixture_images() {
-  local out=$cache_root/node-fixtures/busybox-$(sha256sum /bin/busybox | cut -c1-12)
+  local out
+  out=$cache_root/node-fixtures/busybox-$(sha256sum /bin/busybox | cut -c1-12)
   if [[ -f "$out/.complete" ]]; then echo "$out"; return; fi
   rm -rf "$out.partial" && mkdir -p "$out.partial"
+  # set -e again: this runs inside $(...), where bash drops errexit, and a half-made image must
+  # never be marked complete.
   (
+    set -e
     cd "$out.partial"
     umoci init --layout oci
     umoci new --image oci:busybox
@@ -139,14 +146,14 @@ rn_fixture_images() {
       --config.entrypoint /bin/sh --config.entrypoint -c \
       --config.entrypoint 'trap "exit 0" TERM INT; while :; do sleep 3600 & wait $!; done'
     rm -rf bundle
-  ) >"$D/fixture-image.log" 2>&1
+  ) >"$D/fixture-image.log" 2>&1 || { log "fixture image failed:"; tail -n 5 "$D/fixture-image.log" >&2; return 1; }
   mv "$out.partial" "$out" && touch "$out/.complete"
   echo "$out"
 }
 
 # Lines `name=<oci-layout-dir>:<tag>` for every image to push.
 rn_image_sources() {
-  local fx; fx=$(rn_fixture_images)
+  local fx; fx=$(rn_fixture_images) || return 1
   echo "busybox=$fx/oci:busybox"
   local have_pause=0 line
   # CP_REAL_NODE_IMAGES: unset = every image of e2e/images/build, `0` = none (the fixtures only),
@@ -494,7 +501,7 @@ rn_down() (
   for ipt in iptables ip6tables; do
     while "$ipt" -D INPUT -j KUBE-FIREWALL 2>/dev/null; do :; done
     while "$ipt" -D OUTPUT -j KUBE-FIREWALL 2>/dev/null; do :; done
-    "$ipt" -F KUBE-FIREWALL 2>/dev/null && "$ipt" -X KUBE-FIREWALL 2>/dev/null || true
+    if "$ipt" -F KUBE-FIREWALL 2>/dev/null; then "$ipt" -X KUBE-FIREWALL 2>/dev/null; fi
     for table in filter nat mangle; do
       "$ipt" -t "$table" -X KUBE-KUBELET-CANARY 2>/dev/null || true
     done
