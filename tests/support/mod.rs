@@ -37,10 +37,40 @@ pub struct PrivateControlPlane {
 
 impl PrivateControlPlane {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// A control plane with the machine's one real node (`e2e/cluster up --real-node`: kubelet,
+    /// containerd, CNI, kube-proxy, CoreDNS, a local registry with the Ray and operator images).
+    pub fn start_real_node() -> Self {
+        Self::start_with(&["--real-node"])
+    }
+
+    /// `e2e/cluster images` of this control plane: image name (`operator`, `ray`, ...) → reference.
+    pub fn images(&self) -> std::collections::BTreeMap<String, String> {
+        let out = Command::new(repo().join("e2e/cluster"))
+            .arg("images")
+            .env("CP_DIR", &self.dir)
+            .output()
+            .expect("run e2e/cluster images");
+        assert!(out.status.success(), "e2e/cluster images: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn start_with(args: &[&str]) -> Self {
         let dir =
             std::env::temp_dir().join(format!("ray-operator-private-cp-{}-{}", std::process::id(), random_suffix()));
         let out = Command::new(repo().join("e2e/cluster"))
             .arg("up")
+            .args(args)
             .env("CP_DIR", &dir)
             .env("CP_OWNER_PID", std::process::id().to_string())
             .stderr(Stdio::inherit())
