@@ -40,9 +40,9 @@ use ray_operator::autoscaler::fixture::{
     BenchInput, json_values_equal, plan_from_json, plan_from_json_with_upscaling_speed,
 };
 use ray_operator::cache::ClusterKey;
+use ray_operator::model::desired::{LABEL_CLUSTER, LABEL_LAUNCH_HASH, LABEL_NODE_KIND, desired};
 use ray_operator::ray::GcsClient;
-use ray_operator::reconciler::desired::{LABEL_CLUSTER, LABEL_LAUNCH_HASH, LABEL_NODE_KIND, desired};
-use ray_operator::reconciler::{FIELD_MANAGER, plan};
+use ray_operator::reconciler::FIELD_MANAGER;
 use ray_operator::runtime::shards::shard_of;
 use serde::Deserialize;
 
@@ -1041,7 +1041,7 @@ async fn scale_baseline_run(opts: &Opts, n: usize, rep: usize, mix: bool) -> Res
                 svc.metadata
                     .labels
                     .get_or_insert_with(BTreeMap::new)
-                    .insert(LABEL_LAUNCH_HASH.into(), plan::service_hash(&d));
+                    .insert(LABEL_LAUNCH_HASH.into(), d.service_hash.clone());
                 let mut value = serde_json::to_value(&svc)?;
                 value["apiVersion"] = "v1".into();
                 value["kind"] = "Service".into();

@@ -14,6 +14,8 @@ pub mod autoscaler;
 pub mod cache;
 pub mod cli;
 pub mod metrics;
+pub mod model;
+pub mod pass;
 pub mod ray;
 pub mod reconciler;
 pub mod runtime;

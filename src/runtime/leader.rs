@@ -56,6 +56,12 @@ impl Default for Fence {
     }
 }
 
+impl crate::reconciler::WriteFence for Fence {
+    fn allowed(&self) -> bool {
+        Fence::allowed(self)
+    }
+}
+
 impl Fence {
     /// A fence that always allows (single replica without leader election).
     pub fn always() -> Self {

@@ -22,7 +22,7 @@ use tracing::{info, warn};
 
 use crate::cache::Cache;
 use crate::metrics::Metrics;
-use crate::reconciler::{AutoscalerSettings, Context};
+use crate::reconciler::{AutoscalerSettings, Context, MAX_CONCURRENT_GCS_CALLS, PassSettings};
 use leader::{Fence, LeaderConfig};
 use shards::Shards;
 use watch::{Change, Scope};
@@ -79,11 +79,13 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             Reporter { controller: "ray-operator".into(), instance: Some(settings.instance.clone()) },
         ),
         metrics: metrics.clone(),
-        create_batch: settings.create_batch,
+        settings: PassSettings {
+            create_batch: settings.create_batch,
+            autoscaler: settings.autoscaler.clone(),
+            unschedulable_timeout: settings.unschedulable_timeout,
+        },
         fence: fence.clone(),
-        autoscaler: settings.autoscaler.clone(),
-        unschedulable_timeout: settings.unschedulable_timeout,
-        gcs_permits: Arc::new(tokio::sync::Semaphore::new(crate::reconciler::MAX_CONCURRENT_GCS_CALLS)),
+        gcs_permits: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_GCS_CALLS)),
     });
 
     tokio::spawn(trim_heap_periodically());

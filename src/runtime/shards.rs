@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use crate::cache::ClusterKey;
-use crate::reconciler::{self, ClusterState, Context, Next};
+use crate::reconciler::{self, ClusterSlot, Context, Next};
 
 /// Stable shard of a cluster (FNV-1a of `namespace/name`; the same in every replica and release).
 pub fn shard_of(key: &ClusterKey, shards: usize) -> usize {
@@ -99,6 +99,13 @@ fn backoff(failures: u32) -> Duration {
     Duration::from_millis(base + u64::from(nanos) % (base / 2 + 1))
 }
 
+/// Drops a deleted cluster's slot (and with it its GCS link).
+fn forget(ctx: &Context, id: usize, slots: &mut HashMap<ClusterKey, ClusterSlot>, key: &ClusterKey) {
+    if slots.remove(key).is_some() {
+        ctx.metrics.shard_clusters(id, slots.len());
+    }
+}
+
 async fn run_shard(
     id: usize,
     ctx: Arc<Context>,
@@ -127,7 +134,7 @@ async fn run_shard(
         timers.insert((at, seq), key.clone());
         timer_of.insert(key, (at, seq));
     };
-    let mut states: HashMap<ClusterKey, ClusterState> = HashMap::new();
+    let mut slots: HashMap<ClusterKey, ClusterSlot> = HashMap::new();
 
     let enqueue = |queue: &mut VecDeque<ClusterKey>, queued: &mut HashSet<ClusterKey>, key: ClusterKey| {
         if queued.insert(key.clone()) {
@@ -142,10 +149,7 @@ async fn run_shard(
         while let Ok(msg) = rx.try_recv() {
             match msg {
                 Msg::Reconcile(k) => enqueue(&mut queue, &mut queued, k),
-                Msg::Forget(k) => {
-                    states.remove(&k);
-                    ctx.metrics.shard_clusters(id, states.len());
-                }
+                Msg::Forget(k) => forget(&ctx, id, &mut slots, &k),
             }
         }
         let now = Instant::now();
@@ -165,35 +169,36 @@ async fn run_shard(
                 if let Some(t) = timer_of.remove(&key) {
                     timers.remove(&t);
                 }
-                if states.remove(&key).is_some() {
-                    ctx.metrics.shard_clusters(id, states.len());
-                }
+                forget(&ctx, id, &mut slots, &key);
                 continue;
             }
-            let state = states.entry(key.clone()).or_insert_with(|| {
+            let slot = slots.entry(key.clone()).or_insert_with(|| {
                 // The cluster's GCS link wakes it here when Ray's state changes.
                 let (tx, k) = (tx.clone(), key.clone());
-                ClusterState {
+                ClusterSlot {
                     wake: Some(Arc::new(move || drop(tx.send(Msg::Reconcile(k.clone()))))),
                     ..Default::default()
                 }
             });
             let started = Instant::now();
-            let result = reconciler::reconcile(&ctx, &key, state).await;
+            let result = reconciler::reconcile(&ctx, &key, slot).await;
             ctx.metrics.reconciled(started.elapsed().as_secs_f64());
+            if result.is_ok() {
+                slot.failures = 0;
+            }
             match result {
                 Ok(Next::Idle) => {}
                 Ok(Next::Continue) => enqueue(&mut queue, &mut queued, key),
                 Ok(Next::After(d)) => schedule(&mut timers, &mut timer_of, key, Instant::now() + d),
                 Err(e) => {
-                    state.failures += 1;
-                    let delay = backoff(state.failures);
+                    slot.failures += 1;
+                    let delay = backoff(slot.failures);
                     ctx.metrics.reconcile_error(e.reason());
                     warn!("{key}: reconcile failed (retry in {:.1}s): {e}", delay.as_secs_f64());
                     schedule(&mut timers, &mut timer_of, key, Instant::now() + delay);
                 }
             }
-            ctx.metrics.shard_clusters(id, states.len());
+            ctx.metrics.shard_clusters(id, slots.len());
             // Let the runtime serve others (watch tasks, health) between clusters.
             tokio::task::yield_now().await;
             continue;
@@ -203,7 +208,7 @@ async fn run_shard(
         tokio::select! {
             msg = rx.recv() => match msg {
                 Some(Msg::Reconcile(k)) => enqueue(&mut queue, &mut queued, k),
-                Some(Msg::Forget(k)) => { states.remove(&k); }
+                Some(Msg::Forget(k)) => forget(&ctx, id, &mut slots, &k),
                 None => break,
             },
             _ = async {

@@ -7,6 +7,8 @@
 //! tests never touch a real cluster by accident.
 #![allow(dead_code)]
 
+pub mod world;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
