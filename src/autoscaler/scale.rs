@@ -90,6 +90,16 @@ fn fits_some_type(shape: &ResourceMap, types: &[NodeTypeConfig]) -> bool {
         .any(|t| shape.iter().all(|(k, v)| *v <= 0.0 || t.resources.get(k).is_some_and(|have| have >= v)))
 }
 
+/// Alive Ray nodes by instance id (= pod name).
+fn nodes_by_instance(state: &ClusterState) -> BTreeMap<&str, &RayNode> {
+    state
+        .nodes
+        .iter()
+        .filter(|n| n.status != NodeStatus::Dead && !n.instance_id.is_empty())
+        .map(|n| (n.instance_id.as_str(), n))
+        .collect()
+}
+
 /// Decides. `draining`: pods whose drain was asked for earlier (kept out of the count; deleted
 /// once their node is gone). `idle_timeout_ms`: how long a worker must be idle to be removed.
 pub fn decide(
@@ -120,18 +130,34 @@ pub fn decide(
         let launch = decision.nodes_to_launch.get(&t.type_name).copied().unwrap_or(0);
         targets.insert(t.type_name.clone(), (have + launch).min(t.max_workers).max(t.min_workers.min(t.max_workers)));
     }
+    let by_instance = nodes_by_instance(state);
+    let drain = idle_drains(desired, &live, &by_instance, &decision.nodes_to_launch, &mut targets, idle_timeout_ms);
 
-    // Idle scale-down: Ray nodes of live worker pods, idle long enough, above their type's minimum,
-    // and not of a type we are launching right now. Never the head.
-    let by_instance: BTreeMap<&str, &RayNode> = state
-        .nodes
+    // Drained pods go once their Ray node is dead or gone.
+    let delete: Vec<String> = pods
         .iter()
-        .filter(|n| n.status != NodeStatus::Dead && !n.instance_id.is_empty())
-        .map(|n| (n.instance_id.as_str(), n))
+        .filter(|p| draining.contains(&p.name) && !p.terminating)
+        .filter(|p| by_instance.get(p.name.as_str()).is_none_or(|n| n.status == NodeStatus::Dead))
+        .map(|p| p.name.clone())
         .collect();
+    let report = report(state, &types, &live, &by_instance, &decision.nodes_to_launch, now);
+    let summary = summary(desired, state, &decision, &count, &targets, &drain);
+    Ok(Scaling { launches: decision.nodes_to_launch, drain, delete, report, summary })
+}
+
+/// Idle scale-down: Ray nodes of live worker pods, idle long enough, above their type's minimum,
+/// and not of a type we are launching right now. Never the head. Lowers `targets` by each.
+fn idle_drains(
+    desired: &Desired,
+    live: &[&ObservedPod],
+    by_instance: &BTreeMap<&str, &RayNode>,
+    launches: &BTreeMap<String, u32>,
+    targets: &mut BTreeMap<String, u32>,
+    idle_timeout_ms: i64,
+) -> Vec<DrainCandidate> {
     let mut drain = Vec::new();
     for t in &desired.workers {
-        if decision.nodes_to_launch.get(&t.type_name).copied().unwrap_or(0) > 0 {
+        if launches.get(&t.type_name).copied().unwrap_or(0) > 0 {
             continue;
         }
         let mut keep = targets.get(&t.type_name).copied().unwrap_or(0);
@@ -156,20 +182,21 @@ pub fn decide(
         }
         targets.insert(t.type_name.clone(), keep);
     }
+    drain
+}
 
-    // Drained pods go once their Ray node is dead or gone.
-    let delete: Vec<String> = pods
-        .iter()
-        .filter(|p| draining.contains(&p.name) && !p.terminating)
-        .filter(|p| by_instance.get(p.name.as_str()).is_none_or(|n| n.status == NodeStatus::Dead))
-        .map(|p| p.name.clone())
-        .collect();
-
-    // Report for `ray status`.
-    let registered: BTreeSet<&str> = by_instance.keys().copied().collect();
+/// The report for `ray status`.
+fn report(
+    state: &ClusterState,
+    types: &[NodeTypeConfig],
+    live: &[&ObservedPod],
+    by_instance: &BTreeMap<&str, &RayNode>,
+    launches: &BTreeMap<String, u32>,
+    now: SystemTime,
+) -> AutoscalingReport {
     let pending_instances = live
         .iter()
-        .filter(|p| p.kind == NodeKind::Worker && !registered.contains(p.name.as_str()))
+        .filter(|p| p.kind == NodeKind::Worker && !by_instance.contains_key(p.name.as_str()))
         .map(|p| PendingInstance {
             instance_id: p.name.clone(),
             node_type: p.type_name.clone(),
@@ -177,8 +204,7 @@ pub fn decide(
             details: if p.phase == PodPhase::Running { "starting ray".into() } else { "pod pending".into() },
         })
         .collect();
-    let pending_launches = decision
-        .nodes_to_launch
+    let pending_launches = launches
         .iter()
         .flat_map(|(t, n)| (0..*n).map(move |_| PendingLaunch { node_type: t.clone(), count: 1, requested_at: now }))
         .collect();
@@ -187,17 +213,27 @@ pub fn decide(
     let infeasible_requests = state
         .pending_resource_requests
         .iter()
-        .filter(|d| !d.involves_placement_group() && !fits_some_type(&d.shape, &types))
+        .filter(|d| !d.involves_placement_group() && !fits_some_type(&d.shape, types))
         .cloned()
         .collect();
-    let report = AutoscalingReport {
+    AutoscalingReport {
         cluster_state_version: state.version,
         pending_launches,
         pending_instances,
         infeasible_requests,
         ..Default::default()
-    };
+    }
+}
 
+/// One human line describing what the decision changes, if anything.
+fn summary(
+    desired: &Desired,
+    state: &ClusterState,
+    decision: &decision::Decision,
+    count: &BTreeMap<&str, u32>,
+    targets: &BTreeMap<String, u32>,
+    drain: &[DrainCandidate],
+) -> Option<String> {
     let mut summary = String::new();
     for t in &desired.workers {
         let have = count.get(t.type_name.as_str()).copied().unwrap_or(0);
@@ -211,38 +247,31 @@ pub fn decide(
                 write!(summary, "{}scale {} {have}→{want}", if summary.is_empty() { "" } else { "; " }, t.type_name);
         }
     }
-    if !summary.is_empty() {
-        let demand: Vec<String> = state
-            .pending_resource_requests
-            .iter()
-            .take(5)
-            .map(|d| format!("{} ×{}", fmt_shape(&d.shape), d.count))
-            .chain(
-                state
-                    .pending_gang_requests
-                    .iter()
-                    .take(3)
-                    .map(|g| format!("placement group of {} bundles", g.bundles.len())),
-            )
-            .collect();
-        if demand.is_empty() {
-            let idle = drain.len();
-            let _ = write!(summary, ": {idle} idle worker(s) past idleTimeoutMinutes");
-        } else {
-            let _ = write!(summary, ": pending {}", demand.join(", "));
-        }
-        if !decision.unfulfilled.is_empty() {
-            let infeasible: Vec<String> =
-                decision.unfulfilled.iter().take(3).map(|u| format!("{} ×{}", fmt_shape(&u.shape), u.count)).collect();
-            let _ = write!(summary, "; unfulfilled {}", infeasible.join(", "));
-        }
+    if summary.is_empty() {
+        return None;
     }
-
-    Ok(Scaling {
-        launches: decision.nodes_to_launch,
-        drain,
-        delete,
-        report,
-        summary: (!summary.is_empty()).then_some(summary),
-    })
+    let demand: Vec<String> = state
+        .pending_resource_requests
+        .iter()
+        .take(5)
+        .map(|d| format!("{} ×{}", fmt_shape(&d.shape), d.count))
+        .chain(
+            state
+                .pending_gang_requests
+                .iter()
+                .take(3)
+                .map(|g| format!("placement group of {} bundles", g.bundles.len())),
+        )
+        .collect();
+    if demand.is_empty() {
+        let _ = write!(summary, ": {} idle worker(s) past idleTimeoutMinutes", drain.len());
+    } else {
+        let _ = write!(summary, ": pending {}", demand.join(", "));
+    }
+    if !decision.unfulfilled.is_empty() {
+        let infeasible: Vec<String> =
+            decision.unfulfilled.iter().take(3).map(|u| format!("{} ×{}", fmt_shape(&u.shape), u.count)).collect();
+        let _ = write!(summary, "; unfulfilled {}", infeasible.join(", "));
+    }
+    Some(summary)
 }

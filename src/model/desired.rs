@@ -225,6 +225,41 @@ fn restart_token(cluster: &RayCluster) -> BTreeMap<&str, &str> {
         .collect()
 }
 
+/// The environment every Ray container gets: how to reach the head, which pod and type it is
+/// (how Ray nodes are matched to pods), and what to advertise.
+fn set_ray_env(
+    container: &mut Container,
+    name: &str,
+    namespace: &str,
+    type_name: &str,
+    resources: &ResourceMap,
+    kind: NodeKind,
+) {
+    let env = container.env.get_or_insert_with(Vec::new);
+    let mut set_env = |name: &str, value: Option<String>, source: Option<EnvVarSource>| {
+        env.retain(|e| e.name != name);
+        env.push(EnvVar { name: name.into(), value, value_from: source });
+    };
+    set_env("RAY_HEAD_IP", Some(head_service_dns(name, namespace)), None);
+    set_env(
+        "RAY_CLOUD_INSTANCE_ID",
+        None,
+        Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector { field_path: "metadata.name".into(), api_version: None }),
+            ..Default::default()
+        }),
+    );
+    set_env("RAY_NODE_TYPE_NAME", Some(type_name.to_string()), None);
+    // `ray start` advertises exactly these resources (CPU/GPU/memory from the container, plus
+    // rayResources), so Ray's view of a node matches the type the autoscaler planned with.
+    if !resources.is_empty() {
+        set_env("RAY_OVERRIDE_RESOURCES", serde_json::to_string(resources).ok(), None);
+    }
+    if kind == NodeKind::Head {
+        set_env("RAY_enable_autoscaler_v2", Some("1".into()), None);
+    }
+}
+
 /// Builds the pod template of one pod type.
 fn pod_template(
     cluster: &RayCluster,
@@ -280,29 +315,7 @@ fn pod_template(
 
     container.command = Some(wrap_entrypoint(&setup, &start, container));
     container.args = None;
-    let env = container.env.get_or_insert_with(Vec::new);
-    let mut set_env = |name: &str, value: Option<String>, source: Option<EnvVarSource>| {
-        env.retain(|e| e.name != name);
-        env.push(EnvVar { name: name.into(), value, value_from: source });
-    };
-    set_env("RAY_HEAD_IP", Some(head_service_dns(&name, &namespace)), None);
-    set_env(
-        "RAY_CLOUD_INSTANCE_ID",
-        None,
-        Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector { field_path: "metadata.name".into(), api_version: None }),
-            ..Default::default()
-        }),
-    );
-    set_env("RAY_NODE_TYPE_NAME", Some(pod_type.name.clone()), None);
-    // `ray start` advertises exactly these resources (CPU/GPU/memory from the container, plus
-    // rayResources), so Ray's view of a node matches the type the autoscaler planned with.
-    if !resources.is_empty() {
-        set_env("RAY_OVERRIDE_RESOURCES", serde_json::to_string(&resources).ok(), None);
-    }
-    if kind == NodeKind::Head {
-        set_env("RAY_enable_autoscaler_v2", Some("1".into()), None);
-    }
+    set_ray_env(container, &name, &namespace, &pod_type.name, &resources, kind);
 
     let meta = &mut pod.metadata;
     let generate = meta.generate_name.take().unwrap_or_else(|| format!("{}-", pod_type.name));

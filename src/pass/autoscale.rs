@@ -66,21 +66,18 @@ pub(super) fn autoscale(input: &PassInput<'_>, desired: &Desired, out: &mut Pass
         out.memory.targets = plan::min_worker_targets(desired, global_max).workers;
         return Scaling::default();
     }
-    let draining = |p: &ObservedPod| input.ray.is_some_and(|r| r.drains.contains_key(&p.name));
-    // What exists per type: old and new pods of a type count once (a rolling replacement).
-    let existing: BTreeMap<String, u32> = desired
-        .workers
-        .iter()
-        .map(|t| {
-            let live = |current: bool| {
-                let of = |p: &&ObservedPod| p.is_live_worker_of(&t.type_name) && (p.hash == t.hash) == current;
-                input.pods.iter().filter(of).filter(|p| !draining(p)).count() as u32
-            };
-            (t.type_name.clone(), live(true).max(live(false)))
-        })
-        .collect();
-    for (t, n) in &existing {
-        out.memory.targets.entry(t.clone()).or_insert(*n);
+    // Pods being drained are on their way out: they count for no target (rejected drains are
+    // forgotten below, and those pods count again).
+    let draining = |p: &ObservedPod| {
+        input.ray.and_then(|r| r.drains.get(&p.name)).is_some_and(|st| !matches!(st, DrainState::Rejected(_)))
+    };
+    for t in &desired.workers {
+        // Initialised from what exists (old and new pods of a type count once).
+        let live = |current: bool| {
+            let of = |p: &&ObservedPod| p.is_live_worker_of(&t.type_name) && (p.hash == t.hash) == current;
+            input.pods.iter().filter(of).filter(|p| !draining(p)).count() as u32
+        };
+        out.memory.targets.entry(t.type_name.clone()).or_insert_with(|| live(true).max(live(false)));
     }
     clamp_targets(&mut out.memory.targets, desired, global_max);
     if !observed::head_is_running(input.pods, &desired.head.hash) {
