@@ -2,8 +2,8 @@
 //! the RayCluster, its [`Desired`] state, the observed pods and Service, Ray's view, the cluster's
 //! remembered [`Memory`], the time and the settings) and returns everything it does
 //! ([`PassDecision`]: creates, deletes, drains, the report for Ray, the new memory, the status,
-//! the Events and when to come back). Pure and synchronous: the executor
-//! ([`crate::reconciler::reconcile`]) reads, calls it, writes and records.
+//! the Events and when to come back). Pure and synchronous: the executor (`reconciler::reconcile`,
+//! a layer above) reads, calls it, writes and records.
 //!
 //! [`plan`] holds the part of the decision that needs no autoscaler (which pods to create or delete
 //! against fixed targets, and the status); [`conditions`] the typed conditions and their one merge.
