@@ -311,3 +311,54 @@ fn finished_head_is_recovered() {
     assert!(p.actions.contains(&Action::CreatePods { worker: None, count: 1 }));
     assert!(p.actions.iter().any(|a| matches!(a, Action::DeletePod { name, .. } if name == "h")));
 }
+
+#[test]
+fn ray_pods_get_probes_that_fail_when_ray_dies_unless_they_bring_their_own() {
+    let c = load("deploy/example_cluster.yaml");
+    let d = desired::desired(&c).unwrap();
+    let probe_cmd = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+        p.as_ref().unwrap().exec.as_ref().unwrap().command.clone().unwrap()[2].clone()
+    };
+    let head = &d.head.pod.spec.as_ref().unwrap().containers[0];
+    assert_eq!(
+        probe_cmd(&head.liveness_probe),
+        "grep -qsx gcs_server /proc/[0-9]*/comm && grep -qsx raylet /proc/[0-9]*/comm"
+    );
+    assert_eq!(probe_cmd(&head.startup_probe), probe_cmd(&head.liveness_probe));
+    let worker = &d.workers[0].pod.spec.as_ref().unwrap().containers[0];
+    assert_eq!(probe_cmd(&worker.liveness_probe), "grep -qsx raylet /proc/[0-9]*/comm");
+    // ray start may take minutes (setup commands, image start); death is noticed within ~15 s.
+    let s = worker.startup_probe.as_ref().unwrap();
+    assert!(s.period_seconds.unwrap() * s.failure_threshold.unwrap() >= 300);
+    let l = worker.liveness_probe.as_ref().unwrap();
+    assert!(l.period_seconds.unwrap() * l.failure_threshold.unwrap() <= 15);
+    // A container with a probe of its own keeps it (and gets none of ours).
+    let mut own = c.clone();
+    own.spec.pod_types[1].pod_config.edit(|config| {
+        config["spec"]["containers"][0]["livenessProbe"] = serde_json::json!({"tcpSocket": {"port": 6379}});
+    });
+    let mine = desired::desired(&own).unwrap();
+    let w = &mine.workers[0].pod.spec.as_ref().unwrap().containers[0];
+    assert!(w.liveness_probe.as_ref().unwrap().tcp_socket.is_some(), "the user's probe is kept");
+    assert!(w.startup_probe.is_none(), "and none is added beside it");
+}
+
+#[test]
+fn a_line_fails_the_container_only_when_its_last_command_fails() {
+    let container = k8s_openapi::api::core::v1::Container {
+        command: Some(vec!["echo".into(), "original".into()]),
+        ..Default::default()
+    };
+    let run = |setup: &[&str]| {
+        let setup: Vec<String> = setup.iter().map(|s| s.to_string()).collect();
+        let cmd = desired::wrap_entrypoint(&setup, &["echo started $X".into()], &container);
+        let out = std::process::Command::new(&cmd[0]).args(&cmd[1..]).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    // The examples' `ulimit -n 65536; ray start`: the refused ulimit (simulated by `false`) does not
+    // stop the line; an export carries over to the next line.
+    assert_eq!(run(&["false; export X=1"]), (Some(0), "started 1\noriginal\n".into()));
+    // A line whose last command fails stops the container with that status, before Ray starts.
+    assert_eq!(run(&["true; exit 3"]).0, Some(3));
+    assert_eq!(run(&["echo a; false"]), (Some(1), "a\n".into()));
+}

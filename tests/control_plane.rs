@@ -212,3 +212,104 @@ async fn lease_can_be_created_and_updated() {
         other => panic!("expected 409, got {other:?}"),
     }
 }
+
+/// Nothing leaves the machine: every Service ClusterIP, pod IP, pod host IP and node address this
+/// control plane hands out is loopback, so a client that dials one (the operator dials each head
+/// Service's ClusterIP) cannot send a packet off the machine. Fails on a private range such as the
+/// former 10.0.0.0/16 Services / 10.244.0.0/16 pods / 10.0.0.2 nodes.
+#[tokio::test]
+async fn every_address_the_control_plane_hands_out_is_loopback() {
+    use k8s_openapi::api::core::v1::{Node, Service};
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "cp-loopback").await;
+    let svcs: Api<Service> = Api::namespaced(client.clone(), &ns.name);
+    let svc: Service = from_json(serde_json::json!({
+        "metadata": {"name": "probe"},
+        "spec": {"selector": {"app": "probe"}, "ports": [{"name": "gcs", "port": 6379}]}
+    }));
+    svcs.create(&PostParams::default(), &svc).await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let pod: Pod = from_json(serde_json::json!({
+        "metadata": {"name": "probe", "labels": {"app": "probe"}},
+        "spec": {"containers": [{"name": "c", "image": "probe"}]}
+    }));
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    wait_until(Duration::from_secs(60), "the probe pod has an IP", || async {
+        pods.get("probe").await.ok()?.status?.pod_ip
+    })
+    .await;
+
+    let mut seen: std::collections::BTreeSet<(String, String)> = Default::default();
+    for s in Api::<Service>::all(client.clone()).list(&ListParams::default()).await.unwrap() {
+        let spec = s.spec.clone().unwrap_or_default();
+        for ip in spec.cluster_ips.unwrap_or_default().into_iter().chain(spec.cluster_ip) {
+            seen.insert((format!("Service {}/{} clusterIP", s.namespace().unwrap_or_default(), s.name_any()), ip));
+        }
+    }
+    for p in Api::<Pod>::all(client.clone()).list(&ListParams::default()).await.unwrap() {
+        let st = p.status.clone().unwrap_or_default();
+        let what = format!("Pod {}/{}", p.namespace().unwrap_or_default(), p.name_any());
+        for ip in st.pod_ips.unwrap_or_default().into_iter().map(|i| i.ip).chain(st.pod_ip) {
+            seen.insert((format!("{what} podIP"), ip));
+        }
+        for ip in st.host_ips.unwrap_or_default().into_iter().map(|i| i.ip).chain(st.host_ip) {
+            seen.insert((format!("{what} hostIP"), ip));
+        }
+    }
+    for n in Api::<Node>::all(client.clone()).list(&ListParams::default()).await.unwrap() {
+        for a in n.status.clone().unwrap_or_default().addresses.unwrap_or_default() {
+            if a.type_ == "InternalIP" || a.type_ == "ExternalIP" {
+                seen.insert((format!("Node {} {}", n.name_any(), a.type_), a.address));
+            }
+        }
+    }
+    assert!(seen.iter().any(|(w, _)| w.contains("probe") && w.contains("clusterIP")), "{seen:?}");
+    assert!(seen.iter().any(|(w, _)| w.contains("probe podIP")), "{seen:?}");
+    assert!(seen.iter().any(|(w, _)| w.starts_with("Node ")), "{seen:?}");
+    let outside: Vec<_> =
+        seen.iter().filter(|(_, ip)| !ip.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback())).collect();
+    assert!(outside.is_empty(), "addresses outside 127.0.0.0/8 (or not IPs): {outside:?}");
+}
+
+/// Every Ray process that a test, the demo or a benchmark starts keeps usage stats off, so no Ray
+/// process tries to report to the internet. A source check, so that a new `ray start` (or a Ray
+/// driver) written anywhere in the project is covered without anyone remembering to add it here.
+#[test]
+fn every_ray_process_we_start_disables_usage_stats() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = vec![];
+    let mut stack: Vec<std::path::PathBuf> = ["tests", "examples", "e2e", "src"].iter().map(|d| root.join(d)).collect();
+    while let Some(p) = stack.pop() {
+        if p.is_dir() {
+            for e in std::fs::read_dir(&p).unwrap() {
+                stack.push(e.unwrap().path());
+            }
+        } else if let Ok(text) = std::fs::read_to_string(&p) {
+            files.push((p, text));
+        }
+    }
+    let mut starters = 0;
+    for (path, text) in &files {
+        // A process is started from Rust with `Command::new(<venv>.join("ray"|"python"))`, from a
+        // script with the venv's `ray start` or `python`. (`ray start` inside a RayCluster manifest
+        // or a pod builder starts nothing here: Ray in containers gets the setting from its image.)
+        let rust_spawn =
+            text.contains("Command::new(") && (text.contains("join(\"ray\")") || text.contains("join(\"python\")"));
+        let script_spawn = text.lines().any(|l| {
+            let l = l.trim_start();
+            !l.starts_with('#')
+                && (l.contains("bin/ray\" start") || l.contains("bin/ray start") || l.starts_with("ray start"))
+        });
+        if !(rust_spawn || script_spawn) || path.ends_with("control_plane.rs") {
+            continue;
+        }
+        starters += 1;
+        assert!(
+            text.contains("RAY_USAGE_STATS_ENABLED") && text.contains("\"0\"")
+                || text.contains("RAY_USAGE_STATS_ENABLED=0"),
+            "{} starts Ray but does not set RAY_USAGE_STATS_ENABLED=0",
+            path.display()
+        );
+    }
+    assert!(starters >= 3, "the check found the known Ray starters (autoscaler, ray_gcs, bench): {starters}");
+}

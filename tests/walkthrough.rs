@@ -243,4 +243,32 @@ async fn the_readme_walkthrough_works_step_by_step() {
     assert!(line.contains("all namespaces") && line.contains("list/watch"), "{line}");
     assert_eq!(wrong.get("/readyz").await.map(|r| r.0), Some(503), "not ready without permissions");
     drop(wrong);
+
+    // Nothing left the machine: every GCS address any replica dialled (each link logs
+    // "connecting to GCS at <addr>", failures "GCS at <addr> failed") is a loopback IP.
+    let logs: String = replicas.values().map(|r| r.logs()).chain([old.logs()]).collect();
+    let dialled = gcs_addresses(&logs);
+    assert!(dialled.iter().any(|a| a.starts_with("127.64.")), "the links dialled the head Services: {dialled:?}");
+    let outside: Vec<&String> = dialled.iter().filter(|a| !is_loopback_host_port(a)).collect();
+    assert!(outside.is_empty(), "the operator dialled addresses outside 127.0.0.0/8: {outside:?}");
+    // And no log line names any other IPv4 address (a Service, pod or node address off loopback).
+    let named: BTreeSet<std::net::Ipv4Addr> = logs
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .filter_map(|t| t.trim_matches('.').parse().ok())
+        .collect();
+    let off: Vec<_> = named.iter().filter(|a| !a.is_loopback() && !a.is_unspecified()).collect();
+    assert!(off.is_empty(), "operator logs name non-loopback addresses: {off:?}");
+}
+
+/// The `host:port` after each "GCS at " in an operator log.
+fn gcs_addresses(logs: &str) -> BTreeSet<String> {
+    logs.split("GCS at ")
+        .skip(1)
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(|addr| addr.trim_end_matches([',', ')', ':']).to_string())
+        .collect()
+}
+
+fn is_loopback_host_port(addr: &str) -> bool {
+    addr.parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip().is_loopback())
 }

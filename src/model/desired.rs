@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Container, EnvVar, EnvVarSource, ObjectFieldSelector, Pod, Service, ServicePort, ServiceSpec,
+    Container, EnvVar, EnvVarSource, ExecAction, ObjectFieldSelector, Pod, Probe, Service, ServicePort, ServiceSpec,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -184,10 +184,15 @@ fn shell_quote(word: &str) -> String {
 pub fn wrap_entrypoint(setup: &[String], start: &[String], container: &Container) -> Vec<String> {
     let mut original: Vec<String> = container.command.clone().unwrap_or_default();
     original.extend(container.args.clone().unwrap_or_default());
-    let mut script = String::from("set -e\n");
+    // Each line fails the container when its *last* command fails, as each line was one command to
+    // the legacy operator: the examples' `ulimit -n 65536; ray start ...` must start Ray where the
+    // ulimit is refused (no CAP_SYS_RESOURCE, a lower hard limit), which `set -e` would not allow.
+    // The braces keep `cd` and `export` of one line in force for the next.
+    let mut script = String::new();
     for line in setup.iter().chain(start) {
+        script.push_str("{ ");
         script.push_str(line);
-        script.push('\n');
+        script.push_str("\n} || exit $?\n");
     }
     if original.is_empty() {
         // No command of its own: keep the container (and Ray) alive, as the legacy examples do.
@@ -197,6 +202,37 @@ pub fn wrap_entrypoint(setup: &[String], start: &[String], container: &Container
         script.push_str(&format!("exec {}\n", words.join(" ")));
     }
     vec!["/bin/bash".into(), "-c".into(), script]
+}
+
+/// The Ray daemons whose death makes a pod useless: the raylet on every node, and the GCS on the head.
+fn ray_daemons(kind: NodeKind) -> &'static [&'static str] {
+    match kind {
+        NodeKind::Head => &["gcs_server", "raylet"],
+        NodeKind::Worker => &["raylet"],
+    }
+}
+
+/// Probes that tell the kubelet when Ray died but the container lives on (the examples keep it alive
+/// with `sleep infinity`): the container is then killed, so with `restartPolicy: Never` the pod
+/// fails and is replaced (a head through recovery, `autoscalerRetries` + 1), and with `Always` the
+/// kubelet restarts it and the entrypoint starts Ray again. The check reads `/proc/*/comm` with
+/// bash and grep only, which every image that can run our entrypoint has; it starts no Python.
+/// The startup probe allows `ray start` up to 5 minutes. A container that defines probes of its own
+/// keeps them.
+fn inject_ray_probes(container: &mut Container, kind: NodeKind) {
+    if container.liveness_probe.is_some() || container.startup_probe.is_some() {
+        return;
+    }
+    let check: Vec<String> = ray_daemons(kind).iter().map(|d| format!("grep -qsx {d} /proc/[0-9]*/comm")).collect();
+    let probe = |period: i32, failures: i32| Probe {
+        exec: Some(ExecAction { command: Some(vec!["/bin/bash".into(), "-c".into(), check.join(" && ")]) }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(2),
+        failure_threshold: Some(failures),
+        ..Default::default()
+    };
+    container.startup_probe = Some(probe(2, 150));
+    container.liveness_probe = Some(probe(5, 3));
 }
 
 /// Ensures `ray start --head` runs with `--no-monitor`: this operator is the autoscaler, and Ray's own
@@ -315,6 +351,7 @@ fn pod_template(
 
     container.command = Some(wrap_entrypoint(&setup, &start, container));
     container.args = None;
+    inject_ray_probes(container, kind);
     set_ray_env(container, &name, &namespace, &pod_type.name, &resources, kind);
 
     let meta = &mut pod.metadata;

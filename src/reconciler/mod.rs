@@ -198,7 +198,7 @@ fn tell_ray(ctx: &Context, key: &ClusterKey, slot: &mut ClusterSlot, decision: &
         (LinkAction::Stop, _) => slot.link = None,
         (LinkAction::Connect(addr), Some(settings)) => {
             let wake = slot.wake.clone().unwrap_or_else(|| Arc::new(|| {}));
-            debug!("{key}: connecting to GCS at {addr}");
+            info!("{key}: connecting to GCS at {addr}");
             slot.link = Some(RayLink::start(
                 key.to_string(),
                 addr.clone(),
