@@ -356,7 +356,7 @@ pub(super) async fn scale(opts: &Opts, with_idle: bool) -> Result<(Section, Vec<
              (ttl 15 s, renew 5 s), cluster-wide, default flags{}. Baseline: a plain kube-rs client in the benchmark \
              process (kube defaults: no client-side QPS limit, like the operator) that, as each RayCluster is created, \
              server-side-applies the same head Service and POSTs the same three pods (bodies from \
-             `reconciler::desired`, as the operator builds them) — the least work that yields the same objects, i.e. \
+             `model::desired`, as the operator builds them) — the least work that yields the same objects, i.e. \
              what the API server allows. Pods and phases are observed by a watch in the benchmark process (the same \
              in every run). The API server authenticates everyone as the same admin (exempt from API Priority and \
              Fairness), the operator included.",
