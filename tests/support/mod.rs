@@ -194,6 +194,18 @@ impl Drop for TestNamespace {
     }
 }
 
+/// The pods matching `selector` that are not being deleted.
+pub async fn live_pods(client: &Client, ns: &str, selector: &str) -> Vec<k8s_openapi::api::core::v1::Pod> {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns);
+    pods.list(&kube::api::ListParams::default().labels(selector))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect()
+}
+
 pub fn random_suffix() -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     let mut x = (nanos as u64) ^ (std::process::id() as u64).rotate_left(32);
