@@ -17,8 +17,8 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
 use crate::api::RayCluster;
-use crate::reconciler::desired::{LABEL_CLUSTER, LABEL_LAUNCH_HASH, LABEL_NODE_KIND, LABEL_POD_TYPE, NodeKind};
-use crate::reconciler::plan::{ObservedPod, PodPhase};
+use crate::model::desired::{LABEL_CLUSTER, LABEL_LAUNCH_HASH, LABEL_NODE_KIND, LABEL_POD_TYPE, NodeKind};
+use crate::model::observed::{ObservedPod, ObservedService, PodPhase};
 
 /// Namespace and name of a RayCluster.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -71,7 +71,7 @@ pub struct Cache {
     clusters: DashMap<ClusterKey, Stamped<Arc<RayCluster>>>,
     pods: DashMap<ClusterKey, BTreeMap<String, Stamped<ObservedPod>>>,
     /// Head Services: our content hash label and the ClusterIP.
-    services: DashMap<ClusterKey, Stamped<(String, Option<String>)>>,
+    services: DashMap<ClusterKey, Stamped<ObservedService>>,
     counter: AtomicU64,
 }
 
@@ -204,10 +204,6 @@ impl Cache {
         self.pods.get(key).map(|m| m.values().map(|s| s.value.clone()).collect()).unwrap_or_default()
     }
 
-    pub fn pod_count(&self) -> usize {
-        self.pods.iter().map(|m| m.len()).sum()
-    }
-
     /// Stores a pod (from a watch event or from our own create) unless a fresher copy is held.
     pub fn put_pod(&self, pod: &Pod) -> Option<ClusterKey> {
         let (key, observed) = observe_pod(pod)?;
@@ -258,22 +254,22 @@ impl Cache {
         touched
     }
 
-    // --- head Services (we only need their content hash) ---
+    // --- head Services (we only need their content hash and ClusterIP) ---
 
-    pub fn service_hash(&self, key: &ClusterKey) -> Option<String> {
-        self.services.get(key).map(|s| s.value.0.clone())
-    }
-
-    /// The head Service's ClusterIP, once assigned.
-    pub fn service_ip(&self, key: &ClusterKey) -> Option<String> {
-        self.services.get(key).and_then(|s| s.value.1.clone())
+    pub fn service(&self, key: &ClusterKey) -> Option<ObservedService> {
+        self.services.get(key).map(|s| s.value.clone())
     }
 
     pub fn put_service(&self, svc: &Service) -> Option<ClusterKey> {
         let key = owner_key(&svc.metadata)?;
-        let hash = svc.labels().get(LABEL_LAUNCH_HASH).cloned().unwrap_or_default();
-        let ip = svc.spec.as_ref().and_then(|s| s.cluster_ip.clone()).filter(|ip| !ip.is_empty() && ip != "None");
-        let hash = (hash, ip);
+        let hash = ObservedService {
+            hash: svc.labels().get(LABEL_LAUNCH_HASH).cloned().unwrap_or_default(),
+            cluster_ip: svc
+                .spec
+                .as_ref()
+                .and_then(|s| s.cluster_ip.clone())
+                .filter(|ip| !ip.is_empty() && ip != "None"),
+        };
         let resource_version = rv(svc.metadata.resource_version.as_ref());
         let stamp = self.stamp();
         let mut entry = self.services.entry(key.clone()).or_insert_with(|| Stamped {

@@ -176,14 +176,7 @@ spec:
 }
 
 async fn workers(client: &Client, ns: &str, cluster: &str) -> Vec<Pod> {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    pods.list(&ListParams::default().labels(&format!("ray-cluster-name={cluster},ray-node-type=worker")))
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .collect()
+    live_pods(client, ns, &format!("ray-cluster-name={cluster},ray-node-type=worker")).await
 }
 
 async fn condition(client: &Client, ns: &str, name: &str) -> Option<(String, String)> {

@@ -1,4 +1,4 @@
-//! The benchmark code cannot rot: `e2e/bench --smoke` runs every benchmark of `examples/bench_e2e.rs`
+//! The benchmark code cannot rot: `e2e/bench --smoke` runs every benchmark of `examples/bench_e2e/`
 //! at CI size (N = 20 clusters, two hand-overs, short windows) against its own control planes, and
 //! must exit 0 having printed every table. The figures themselves are not checked here (a debug
 //! build on a shared CI machine says nothing about them); the full run (`e2e/bench`) is not part of CI.

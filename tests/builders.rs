@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use ray_operator::api::RayCluster;
-use ray_operator::reconciler::desired::{self, LABEL_COMPONENT, NodeKind};
-use ray_operator::reconciler::plan::{self, Action, Observed, ObservedPod, PodPhase};
+use ray_operator::model::desired::{self, LABEL_COMPONENT, NodeKind};
+use ray_operator::model::observed::{ObservedPod, PodPhase};
+use ray_operator::pass::plan::{self, Action, Observed};
 
 fn load(path: &str) -> RayCluster {
     let text = std::fs::read_to_string(format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap();
@@ -260,7 +261,7 @@ fn plan_is_idempotent_once_carried_out() {
         ]
     );
     let pods = observed(&d, true);
-    let svc_hash = plan::service_hash(&d);
+    let svc_hash = d.service_hash.clone();
     let obs = Observed { pods: &pods, service_hash: Some(&svc_hash), status: None, generation: Some(1) };
     let p = plan::plan(&d, &obs, &targets);
     assert!(p.actions.is_empty(), "{:?}", p.actions);
@@ -289,7 +290,7 @@ fn outdated_workers_roll_a_few_at_a_time() {
     for p in pods.iter_mut().skip(1) {
         p.hash = "old".into();
     }
-    let svc_hash = plan::service_hash(&d);
+    let svc_hash = d.service_hash.clone();
     let obs = Observed { pods: &pods, service_hash: Some(&svc_hash), status: None, generation: Some(2) };
     let targets = plan::min_worker_targets(&d, 3);
     let p = plan::plan(&d, &obs, &targets);
@@ -303,7 +304,7 @@ fn finished_head_is_recovered() {
     let d = desired::desired(&c).unwrap();
     let mut pods = observed(&d, true);
     pods[0].phase = PodPhase::Finished;
-    let svc_hash = plan::service_hash(&d);
+    let svc_hash = d.service_hash.clone();
     let obs = Observed { pods: &pods, service_hash: Some(&svc_hash), status: None, generation: Some(1) };
     let p = plan::plan(&d, &obs, &plan::min_worker_targets(&d, 3));
     assert!(p.head_recovery);

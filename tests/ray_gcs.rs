@@ -14,10 +14,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use ray_operator::autoscaler::decision::{NodeTypeConfig, PlacementStrategy, ResourceMap, get_nodes_to_launch};
+use ray_operator::autoscaler::decision_input::to_decision_input;
 use ray_operator::ray::proto::{self, autoscaler_state_service_client::AutoscalerStateServiceClient};
 use ray_operator::ray::{
     AutoscalingReport, ClusterState, DrainReason, FailedLaunch, GcsClient, NodeStatus, PendingInstance, PendingLaunch,
-    RayError, ResourceDemand, to_decision_input,
+    RayError, ResourceDemand,
 };
 
 const HEAD_POD: &str = "test-head-pod";

@@ -20,14 +20,7 @@ fn operator_for(ns: &str) -> OperatorProcess {
 }
 
 async fn pods_of(client: &Client, ns: &str, cluster: &str) -> Vec<Pod> {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    pods.list(&ListParams::default().labels(&format!("ray-cluster-name={cluster}")))
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .collect()
+    live_pods(client, ns, &format!("ray-cluster-name={cluster}")).await
 }
 
 /// Waits until the cluster is Running with `workers` ready workers and returns its pods.

@@ -35,8 +35,7 @@ use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 
-/// Resource name → quantity, e.g. `{"CPU": 4.0, "memory": 17179869184.0}`.
-pub type ResourceMap = BTreeMap<String, f64>;
+pub use crate::model::resources::{PlacementStrategy, ResourceMap};
 
 /// Ray's `ray._raylet.IMPLICIT_RESOURCE_PREFIX`: every node implicitly has one
 /// unit of each resource with this prefix, so `_fits` defaults it to 1, not 0.
@@ -92,19 +91,6 @@ pub struct ExistingNode {
     /// assumes the node type's full resources, and counts the node as pending, not
     /// running, for the `upscaling_speed` cap.
     pub available_resources: Option<ResourceMap>,
-}
-
-/// Ray's `PlacementStrategy` for placement groups.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum PlacementStrategy {
-    /// Bundles are ordinary demands (best effort packing).
-    Pack,
-    /// Bundles are ordinary demands (best effort spreading).
-    Spread,
-    /// All bundles must land on one node: they are summed into one demand.
-    StrictPack,
-    /// Every bundle needs its own node.
-    StrictSpread,
 }
 
 /// One bundle of a pending placement group.

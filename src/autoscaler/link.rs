@@ -12,39 +12,20 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+pub use super::scale::{DrainState, LinkHealth};
 use crate::metrics::Metrics;
 use crate::ray::{AutoscalingReport, ClusterState, DrainReason, GcsClient, RayError};
 
 /// Wakes the owning shard to reconcile this cluster.
 pub type Waker = Arc<dyn Fn() + Send + Sync>;
 
-/// Whether the GCS answered lately.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum LinkHealth {
-    /// No answer yet.
-    Connecting,
-    Healthy,
-    /// The last call failed; `reason` is bounded (metrics), `message` is for humans.
-    Unhealthy {
-        reason: &'static str,
-        message: String,
-    },
-}
-
-/// Outcome of a drain request, by pod name.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum DrainState {
-    Requested,
-    Accepted,
-    Rejected(String),
-}
-
 /// How often an unchanged report is sent again anyway, so the GCS's view (`ray status`) is
 /// restored soon after anything on its side lost it.
 const REPORT_REFRESH: Duration = Duration::from_secs(30);
 
+/// What the link task and its handle share: the latest answers and the outgoing requests.
 #[derive(Default)]
-struct Shared {
+struct LinkState {
     snapshot: Option<(ClusterState, Instant)>,
     health: Option<LinkHealth>,
     /// The report waiting to be sent.
@@ -69,7 +50,7 @@ fn state_content(s: &ClusterState) -> ClusterState {
 /// Handle held by the cluster's state in its shard; dropping it stops the task.
 pub struct RayLink {
     addr: String,
-    shared: Arc<Mutex<Shared>>,
+    shared: Arc<Mutex<LinkState>>,
     kick: Arc<Notify>,
     task: JoinHandle<()>,
 }
@@ -91,7 +72,7 @@ impl RayLink {
         permits: Arc<Semaphore>,
         wake: Waker,
     ) -> Self {
-        let shared = Arc::new(Mutex::new(Shared::default()));
+        let shared = Arc::new(Mutex::new(LinkState::default()));
         let kick = Arc::new(Notify::new());
         let (s, k) = (shared.clone(), kick.clone());
         let task = tokio::spawn(run(log_prefix, addr.clone(), interval, timeout, s, k, metrics, permits, wake));
@@ -102,7 +83,7 @@ impl RayLink {
         &self.addr
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LinkState> {
         // A poisoned lock only means a panic elsewhere; the data is still usable.
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -155,9 +136,12 @@ impl RayLink {
         self.lock().drains.iter().map(|(k, (_, st))| (k.clone(), st.clone())).collect()
     }
 
-    /// Forgets drains of pods that no longer exist (or were rejected, to allow a new attempt later).
-    pub fn retain_drains(&self, keep: impl Fn(&str, &DrainState) -> bool) {
-        self.lock().drains.retain(|k, (_, st)| keep(k, st));
+    /// Forgets the drains of these pods (gone, or rejected so a later attempt may ask again).
+    pub fn forget_drains(&self, pods: &[String]) {
+        let mut s = self.lock();
+        for pod in pods {
+            s.drains.remove(pod);
+        }
     }
 }
 
@@ -167,7 +151,7 @@ async fn run(
     addr: String,
     interval: Duration,
     timeout: Duration,
-    shared: Arc<Mutex<Shared>>,
+    shared: Arc<Mutex<LinkState>>,
     kick: Arc<Notify>,
     metrics: Arc<Metrics>,
     permits: Arc<Semaphore>,
@@ -253,7 +237,7 @@ async fn run(
 async fn send_outbox(
     prefix: &str,
     client: &mut GcsClient,
-    shared: &Arc<Mutex<Shared>>,
+    shared: &Arc<Mutex<LinkState>>,
     wake: &Waker,
     metrics: &Metrics,
 ) {

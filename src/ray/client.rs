@@ -781,7 +781,7 @@ impl ReportedAutoscalingState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::autoscaler::decision::{PlacementStrategy, ResourceMap};
+    use crate::model::resources::{PlacementStrategy, ResourceMap};
 
     fn res(items: &[(&str, f64)]) -> ResourceMap {
         items.iter().map(|(k, v)| (k.to_string(), *v)).collect()

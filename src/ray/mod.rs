@@ -1,6 +1,6 @@
 //! The autoscaler's link to Ray: a gRPC client of the head's GCS `AutoscalerStateService`
-//! (Ray 2.60), the plain-data view of what it returns, and the mapping of that view onto the
-//! scale-up decision's input.
+//! (Ray 2.60) and the plain-data view of what it returns. The mapping of that view onto the
+//! scale-up decision's input is the autoscaler's (`autoscaler::decision_input`).
 //!
 //! - [`proto`]: the generated bindings of `proto/autoscaler.proto`, a subset of Ray's own
 //!   `autoscaler.proto` with Ray's field numbers.
@@ -9,8 +9,6 @@
 //!   [`RayError::reason`] for metrics.
 //! - [`ClusterState`] and friends: the GCS reply as plain Rust data, so nothing above this module
 //!   touches protobuf types.
-//! - [`decision_input`]: [`ClusterState`] + the pods the operator knows → the input of
-//!   [`crate::autoscaler::decision::get_nodes_to_launch`].
 //!
 //! The head must run with `RAY_enable_autoscaler_v2=1` (so `request_resources()` reaches the GCS
 //! as a cluster resource constraint) and `--no-monitor` (so Ray's own autoscaler does not compete
@@ -19,7 +17,6 @@
 //! which is how Ray nodes are matched to pods.
 
 mod client;
-pub mod decision_input;
 mod state;
 
 pub use client::{
@@ -27,7 +24,6 @@ pub use client::{
     MAX_REPORTED_INFEASIBLE_REQUESTS, MAX_REPORTED_PENDING_LAUNCHES, PendingInstance, PendingLaunch, RayError,
     ReportedAutoscalingState,
 };
-pub use decision_input::to_decision_input;
 pub use state::{
     ClusterState, GangRequest, HEAD_NODE_RESOURCE, LabelConstraint, LabelOperator, LabelSelector, NodeStatus, RayNode,
     ResourceConstraint, ResourceDemand, is_placement_group_resource,

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use super::proto;
-use crate::autoscaler::decision::{PlacementStrategy, ResourceMap};
+use crate::model::resources::{PlacementStrategy, ResourceMap};
 
 /// The resource only the head node has (Ray's `HEAD_NODE_RESOURCE_NAME`). It is how the head is
 /// recognised: the GCS does not protect the head from `DrainNode`, so the autoscaler must never

@@ -56,6 +56,12 @@ impl Default for Fence {
     }
 }
 
+impl crate::reconciler::WriteFence for Fence {
+    fn allowed(&self) -> bool {
+        Fence::allowed(self)
+    }
+}
+
 impl Fence {
     /// A fence that always allows (single replica without leader election).
     pub fn always() -> Self {
@@ -107,23 +113,7 @@ pub async fn run(
         LeaseLockParams { lease_name: cfg.lease_name.clone(), holder_id: cfg.identity.clone(), lease_ttl: cfg.ttl },
     );
     let leases: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
-    // Standbys watch the Lease so a released one is taken over at once, not at the next poll.
-    let changed = Arc::new(Notify::new());
-    let watch_task = {
-        let changed = changed.clone();
-        let cfg_w = watcher::Config::default().fields(&format!("metadata.name={}", cfg.lease_name));
-        let leases = leases.clone();
-        tokio::spawn(async move {
-            let mut s = watcher::watcher(leases, cfg_w).boxed();
-            while let Some(ev) = s.next().await {
-                if ev.is_ok() {
-                    changed.notify_one();
-                } else {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-        })
-    };
+    let (changed, watch_task) = watch_lease(leases.clone(), &cfg.lease_name);
     let window = cfg.ttl.saturating_sub(cfg.margin());
     let mut last_holder = String::new();
     loop {
@@ -138,16 +128,9 @@ pub async fn run(
         match result {
             Ok(Ok(LeaseLockResult::Acquired(lease))) => {
                 if !was_leading {
-                    // kube-leader-election acquires with an unconditional patch, so two standbys can
-                    // both "win" an expired Lease. The last patch wins at the server; read it back
-                    // after a moment and only lead if it is still ours.
-                    tokio::time::sleep(Duration::from_millis(150)).await;
-                    match leases.get(&cfg.lease_name).await {
-                        Ok(l) if holder(&l) == cfg.identity => {}
-                        _ => {
-                            debug!("lease acquisition raced with another replica; staying standby");
-                            continue;
-                        }
+                    if !still_ours(&leases, &cfg).await {
+                        debug!("lease acquisition raced with another replica; staying standby");
+                        continue;
                     }
                     info!(
                         "leadership acquired: {} -> {} (lease {}/{})",
@@ -213,6 +196,32 @@ pub async fn run(
         }
     }
     watch_task.abort();
+}
+
+/// Standbys watch the Lease so a released one is taken over at once, not at the next poll.
+fn watch_lease(leases: Api<Lease>, name: &str) -> (Arc<Notify>, tokio::task::JoinHandle<()>) {
+    let changed = Arc::new(Notify::new());
+    let notify = changed.clone();
+    let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let task = tokio::spawn(async move {
+        let mut s = watcher::watcher(leases, cfg).boxed();
+        while let Some(ev) = s.next().await {
+            if ev.is_ok() {
+                notify.notify_one();
+            } else {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    });
+    (changed, task)
+}
+
+/// kube-leader-election acquires with an unconditional patch, so two standbys can both "win" an
+/// expired Lease. The last patch wins at the server; read it back after a moment and only lead
+/// if it is still ours.
+async fn still_ours(leases: &Api<Lease>, cfg: &LeaderConfig) -> bool {
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    matches!(leases.get(&cfg.lease_name).await, Ok(l) if holder(&l) == cfg.identity)
 }
 
 /// Time until the Lease expires, per its own renewTime and duration.

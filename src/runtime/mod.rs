@@ -22,7 +22,7 @@ use tracing::{info, warn};
 
 use crate::cache::Cache;
 use crate::metrics::Metrics;
-use crate::reconciler::{AutoscalerSettings, Context};
+use crate::reconciler::{AutoscalerSettings, Context, MAX_CONCURRENT_GCS_CALLS, PassSettings};
 use leader::{Fence, LeaderConfig};
 use shards::Shards;
 use watch::{Change, Scope};
@@ -71,20 +71,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         .clone()
         .map(|cfg| tokio::spawn(leader::run(client.clone(), cfg, fence.clone(), leading_tx, shutdown_rx.clone())));
 
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        cache: cache.clone(),
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter { controller: "ray-operator".into(), instance: Some(settings.instance.clone()) },
-        ),
-        metrics: metrics.clone(),
-        create_batch: settings.create_batch,
-        fence: fence.clone(),
-        autoscaler: settings.autoscaler.clone(),
-        unschedulable_timeout: settings.unschedulable_timeout,
-        gcs_permits: Arc::new(tokio::sync::Semaphore::new(crate::reconciler::MAX_CONCURRENT_GCS_CALLS)),
-    });
+    let ctx = context(&client, &cache, &metrics, fence.clone(), &settings);
 
     tokio::spawn(trim_heap_periodically());
     let mut signals = Signals::new()?;
@@ -158,6 +145,32 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     tokio::time::sleep(SHUTDOWN_LINGER).await;
     info!("stopped");
     Ok(())
+}
+
+/// The reconciler's context: what every pass shares.
+fn context(
+    client: &Client,
+    cache: &Arc<Cache>,
+    metrics: &Arc<Metrics>,
+    fence: Arc<Fence>,
+    settings: &Settings,
+) -> Arc<Context> {
+    Arc::new(Context {
+        client: client.clone(),
+        cache: cache.clone(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter { controller: "ray-operator".into(), instance: Some(settings.instance.clone()) },
+        ),
+        metrics: metrics.clone(),
+        settings: PassSettings {
+            create_batch: settings.create_batch,
+            autoscaler: settings.autoscaler.clone(),
+            unschedulable_timeout: settings.unschedulable_timeout,
+        },
+        fence,
+        gcs_permits: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_GCS_CALLS)),
+    })
 }
 
 async fn become_leader(

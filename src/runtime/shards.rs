@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use crate::cache::ClusterKey;
-use crate::reconciler::{self, ClusterState, Context, Next};
+use crate::reconciler::{self, ClusterSlot, Context, Next};
 
 /// Stable shard of a cluster (FNV-1a of `namespace/name`; the same in every replica and release).
 pub fn shard_of(key: &ClusterKey, shards: usize) -> usize {
@@ -99,6 +99,76 @@ fn backoff(failures: u32) -> Duration {
     Duration::from_millis(base + u64::from(nanos) % (base / 2 + 1))
 }
 
+/// Drops a deleted cluster's slot (and with it its GCS link).
+fn forget(ctx: &Context, id: usize, slots: &mut HashMap<ClusterKey, ClusterSlot>, key: &ClusterKey) {
+    if slots.remove(key).is_some() {
+        ctx.metrics.shard_clusters(id, slots.len());
+    }
+}
+
+/// At most one pending timer per cluster, the earliest: a cluster woken by events while a timer
+/// is pending must not start a second periodic chain.
+#[derive(Default)]
+struct Timers {
+    by_time: BTreeMap<(Instant, u64), ClusterKey>,
+    of: HashMap<ClusterKey, (Instant, u64)>,
+    seq: u64,
+}
+
+impl Timers {
+    /// Wakes `key` at `at`, unless it is to be woken earlier already.
+    fn schedule(&mut self, key: ClusterKey, at: Instant) {
+        if let Some(existing) = self.of.get(&key) {
+            if existing.0 <= at {
+                return;
+            }
+            self.by_time.remove(existing);
+        }
+        self.seq += 1;
+        self.by_time.insert((at, self.seq), key.clone());
+        self.of.insert(key, (at, self.seq));
+    }
+
+    fn cancel(&mut self, key: &ClusterKey) {
+        if let Some(t) = self.of.remove(key) {
+            self.by_time.remove(&t);
+        }
+    }
+
+    /// The next cluster whose timer is due at `now`.
+    fn pop_due(&mut self, now: Instant) -> Option<ClusterKey> {
+        let entry = self.by_time.first_entry().filter(|e| e.key().0 <= now)?;
+        let key = entry.remove();
+        self.of.remove(&key);
+        Some(key)
+    }
+
+    fn next(&self) -> Option<Instant> {
+        self.by_time.keys().next().map(|(t, _)| *t)
+    }
+}
+
+/// Clusters waiting for a pass, each at most once, in arrival order.
+#[derive(Default)]
+struct RunQueue {
+    queue: VecDeque<ClusterKey>,
+    queued: HashSet<ClusterKey>,
+}
+
+impl RunQueue {
+    fn push(&mut self, key: ClusterKey) {
+        if self.queued.insert(key.clone()) {
+            self.queue.push_back(key);
+        }
+    }
+
+    fn pop(&mut self) -> Option<ClusterKey> {
+        let key = self.queue.pop_front()?;
+        self.queued.remove(&key);
+        Some(key)
+    }
+}
+
 async fn run_shard(
     id: usize,
     ctx: Arc<Context>,
@@ -106,104 +176,67 @@ async fn run_shard(
     mut rx: UnboundedReceiver<Msg>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut queue: VecDeque<ClusterKey> = VecDeque::new();
-    let mut queued: HashSet<ClusterKey> = HashSet::new();
-    // At most one pending timer per cluster (the earliest): a cluster woken by events while a
-    // timer is pending must not start a second periodic chain.
-    let mut timers: BTreeMap<(Instant, u64), ClusterKey> = BTreeMap::new();
-    let mut timer_of: HashMap<ClusterKey, (Instant, u64)> = HashMap::new();
-    let mut seq = 0u64;
-    let mut schedule = |timers: &mut BTreeMap<(Instant, u64), ClusterKey>,
-                        timer_of: &mut HashMap<ClusterKey, (Instant, u64)>,
-                        key: ClusterKey,
-                        at: Instant| {
-        if let Some(existing) = timer_of.get(&key) {
-            if existing.0 <= at {
-                return;
-            }
-            timers.remove(existing);
-        }
-        seq += 1;
-        timers.insert((at, seq), key.clone());
-        timer_of.insert(key, (at, seq));
-    };
-    let mut states: HashMap<ClusterKey, ClusterState> = HashMap::new();
-
-    let enqueue = |queue: &mut VecDeque<ClusterKey>, queued: &mut HashSet<ClusterKey>, key: ClusterKey| {
-        if queued.insert(key.clone()) {
-            queue.push_back(key);
-        }
-    };
-
+    let mut queue = RunQueue::default();
+    let mut timers = Timers::default();
+    let mut slots: HashMap<ClusterKey, ClusterSlot> = HashMap::new();
     loop {
         if *stop.borrow() {
             break;
         }
         while let Ok(msg) = rx.try_recv() {
             match msg {
-                Msg::Reconcile(k) => enqueue(&mut queue, &mut queued, k),
-                Msg::Forget(k) => {
-                    states.remove(&k);
-                    ctx.metrics.shard_clusters(id, states.len());
-                }
+                Msg::Reconcile(k) => queue.push(k),
+                Msg::Forget(k) => forget(&ctx, id, &mut slots, &k),
             }
         }
-        let now = Instant::now();
-        while let Some(entry) = timers.first_entry() {
-            if entry.key().0 > now {
-                break;
-            }
-            let key = entry.remove();
-            timer_of.remove(&key);
-            enqueue(&mut queue, &mut queued, key);
+        while let Some(key) = timers.pop_due(Instant::now()) {
+            queue.push(key);
         }
 
-        if let Some(key) = queue.pop_front() {
-            queued.remove(&key);
+        if let Some(key) = queue.pop() {
             if ctx.cache.cluster(&key).is_none() {
                 // Deleted: forget it at once (its children go with garbage collection).
-                if let Some(t) = timer_of.remove(&key) {
-                    timers.remove(&t);
-                }
-                if states.remove(&key).is_some() {
-                    ctx.metrics.shard_clusters(id, states.len());
-                }
+                timers.cancel(&key);
+                forget(&ctx, id, &mut slots, &key);
                 continue;
             }
-            let state = states.entry(key.clone()).or_insert_with(|| {
+            let slot = slots.entry(key.clone()).or_insert_with(|| {
                 // The cluster's GCS link wakes it here when Ray's state changes.
                 let (tx, k) = (tx.clone(), key.clone());
-                ClusterState {
+                ClusterSlot {
                     wake: Some(Arc::new(move || drop(tx.send(Msg::Reconcile(k.clone()))))),
                     ..Default::default()
                 }
             });
             let started = Instant::now();
-            let result = reconciler::reconcile(&ctx, &key, state).await;
+            let result = reconciler::reconcile(&ctx, &key, slot).await;
             ctx.metrics.reconciled(started.elapsed().as_secs_f64());
+            if result.is_ok() {
+                slot.failures = 0;
+            }
             match result {
                 Ok(Next::Idle) => {}
-                Ok(Next::Continue) => enqueue(&mut queue, &mut queued, key),
-                Ok(Next::After(d)) => schedule(&mut timers, &mut timer_of, key, Instant::now() + d),
+                Ok(Next::Continue) => queue.push(key),
+                Ok(Next::After(d)) => timers.schedule(key, Instant::now() + d),
                 Err(e) => {
-                    state.failures += 1;
-                    let delay = backoff(state.failures);
+                    slot.failures += 1;
+                    let delay = backoff(slot.failures);
                     ctx.metrics.reconcile_error(e.reason());
                     warn!("{key}: reconcile failed (retry in {:.1}s): {e}", delay.as_secs_f64());
-                    schedule(&mut timers, &mut timer_of, key, Instant::now() + delay);
+                    timers.schedule(key, Instant::now() + delay);
                 }
             }
-            ctx.metrics.shard_clusters(id, states.len());
+            ctx.metrics.shard_clusters(id, slots.len());
             // Let the runtime serve others (watch tasks, health) between clusters.
             tokio::task::yield_now().await;
             continue;
         }
 
-        let next_timer = timers.keys().next().map(|(t, _)| *t);
+        let next_timer = timers.next();
         tokio::select! {
             msg = rx.recv() => match msg {
-                Some(Msg::Reconcile(k)) => enqueue(&mut queue, &mut queued, k),
-                Some(Msg::Forget(k)) => { states.remove(&k); }
+                Some(Msg::Reconcile(k)) => queue.push(k),
+                Some(Msg::Forget(k)) => forget(&ctx, id, &mut slots, &k),
                 None => break,
             },
             _ = async {
@@ -216,4 +249,50 @@ async fn run_shard(
         }
     }
     debug!("shard {id} stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: &str) -> ClusterKey {
+        ClusterKey::new("ns", n)
+    }
+
+    #[test]
+    fn one_timer_per_cluster_and_the_earliest_wins() {
+        let t0 = Instant::now();
+        let mut timers = Timers::default();
+        timers.schedule(key("a"), t0 + Duration::from_secs(5));
+        timers.schedule(key("a"), t0 + Duration::from_secs(9));
+        assert_eq!(timers.next(), Some(t0 + Duration::from_secs(5)), "a later timer does not replace an earlier one");
+        timers.schedule(key("a"), t0 + Duration::from_secs(1));
+        timers.schedule(key("b"), t0 + Duration::from_secs(2));
+        assert_eq!(timers.pop_due(t0), None, "nothing due yet");
+        assert_eq!(timers.pop_due(t0 + Duration::from_secs(3)), Some(key("a")));
+        assert_eq!(timers.pop_due(t0 + Duration::from_secs(3)), Some(key("b")));
+        assert_eq!(timers.pop_due(t0 + Duration::from_secs(60)), None, "a's replaced 5 s timer is gone");
+    }
+
+    #[test]
+    fn cancelled_timers_never_fire() {
+        let t0 = Instant::now();
+        let mut timers = Timers::default();
+        timers.schedule(key("a"), t0);
+        timers.cancel(&key("a"));
+        assert_eq!(timers.pop_due(t0 + Duration::from_secs(1)), None);
+        assert_eq!(timers.next(), None);
+    }
+
+    #[test]
+    fn the_run_queue_holds_each_cluster_once_in_order() {
+        let mut q = RunQueue::default();
+        for n in ["a", "b", "a", "c", "b"] {
+            q.push(key(n));
+        }
+        let order: Vec<ClusterKey> = std::iter::from_fn(|| q.pop()).collect();
+        assert_eq!(order, vec![key("a"), key("b"), key("c")]);
+        q.push(key("a"));
+        assert_eq!(q.pop(), Some(key("a")), "popped clusters may queue again");
+    }
 }

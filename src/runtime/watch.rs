@@ -18,7 +18,7 @@ use tracing::{error, info, warn};
 
 use crate::api::RayCluster;
 use crate::cache::{Cache, ClusterKey};
-use crate::reconciler::desired::LABEL_CLUSTER;
+use crate::model::desired::LABEL_CLUSTER;
 
 /// Which namespaces the operator serves.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -7,6 +7,8 @@
 //! tests never touch a real cluster by accident.
 #![allow(dead_code)]
 
+pub mod world;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -220,6 +222,18 @@ impl Drop for TestNamespace {
         })
         .join();
     }
+}
+
+/// The pods matching `selector` that are not being deleted.
+pub async fn live_pods(client: &Client, ns: &str, selector: &str) -> Vec<k8s_openapi::api::core::v1::Pod> {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns);
+    pods.list(&kube::api::ListParams::default().labels(selector))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect()
 }
 
 pub fn random_suffix() -> String {

@@ -6,41 +6,15 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
-use super::desired::{Desired, InvalidSpec, NodeKind};
+use super::conditions::{self, ClusterCondition, ConditionType};
 use crate::api::{Phase, PodTypeStatus, RayClusterStatus};
+use crate::model::desired::{Desired, InvalidSpec, NodeKind};
+use crate::model::observed::{self, ObservedPod, PodPhase};
 
 /// How many replacement workers of one type may be starting at once during a rolling replacement.
 pub const ROLLING_SURGE: usize = 2;
-
-/// Pod phase as far as the reconciler cares.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PodPhase {
-    Pending,
-    Running,
-    /// Succeeded or Failed: the pod will never run Ray again.
-    Finished,
-    Unknown,
-}
-
-/// The slice of a Pod the reconciler looks at (the cache keeps only this, to stay small).
-#[derive(Clone, Debug, PartialEq)]
-pub struct ObservedPod {
-    pub name: String,
-    pub uid: String,
-    pub kind: NodeKind,
-    pub type_name: String,
-    pub hash: String,
-    pub phase: PodPhase,
-    pub ready: bool,
-    pub terminating: bool,
-    /// Pod IP, when assigned (the autoscaler maps Ray nodes by name, this is for humans).
-    pub ip: Option<String>,
-    /// Since when the scheduler has been unable to place the pod (PodScheduled=False, Unschedulable).
-    pub unschedulable_since: Option<Timestamp>,
-}
 
 /// One thing to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -112,13 +86,6 @@ pub struct Plan {
     pub head_update: bool,
 }
 
-/// Hash the head Service carries, so the reconciler applies it only when it changed.
-pub fn service_hash(desired: &Desired) -> String {
-    use sha2::{Digest, Sha256};
-    let spec = serde_json::to_string(&desired.service.spec).unwrap_or_default();
-    Sha256::digest(spec.as_bytes()).iter().take(8).map(|b| format!("{b:02x}")).collect()
-}
-
 /// Worker targets when no autoscaler runs: `minWorkers` per type, within the global `maxWorkers`.
 pub fn min_worker_targets(desired: &Desired, global_max: u32) -> Targets {
     let mut left = global_max;
@@ -138,8 +105,7 @@ fn delete(pod: &ObservedPod, reason: DeleteReason) -> Action {
 /// Decides what to do.
 pub fn plan(desired: &Desired, observed: &Observed<'_>, targets: &Targets) -> Plan {
     let mut actions = Vec::new();
-    let svc_hash = service_hash(desired);
-    if observed.service_hash != Some(svc_hash.as_str()) {
+    if observed.service_hash != Some(desired.service_hash.as_str()) {
         actions.push(Action::ApplyService);
     }
 
@@ -180,11 +146,7 @@ pub fn plan(desired: &Desired, observed: &Observed<'_>, targets: &Targets) -> Pl
 
     // --- workers ---
     for (i, t) in desired.workers.iter().enumerate() {
-        let pods: Vec<&ObservedPod> = observed
-            .pods
-            .iter()
-            .filter(|p| p.kind == NodeKind::Worker && p.type_name == t.type_name && !p.terminating)
-            .collect();
+        let pods: Vec<&ObservedPod> = observed.pods.iter().filter(|p| p.is_worker_of(&t.type_name)).collect();
         let mut current = Vec::new();
         let mut outdated = Vec::new();
         for p in pods {
@@ -241,40 +203,6 @@ pub fn plan(desired: &Desired, observed: &Observed<'_>, targets: &Targets) -> Pl
     Plan { actions, head_recovery, head_update }
 }
 
-fn condition(
-    type_: &str,
-    ok: bool,
-    reason: &str,
-    message: String,
-    generation: Option<i64>,
-    now: Timestamp,
-) -> Condition {
-    Condition {
-        type_: type_.into(),
-        status: if ok { "True" } else { "False" }.into(),
-        reason: reason.into(),
-        message,
-        observed_generation: generation,
-        last_transition_time: Time(now),
-    }
-}
-
-/// Keeps each condition's `lastTransitionTime` when its status did not change, so an unchanged
-/// cluster produces an identical status and no write.
-fn merge_conditions(old: &[Condition], new: Vec<Condition>) -> Vec<Condition> {
-    new.into_iter()
-        .map(|mut c| {
-            if let Some(prev) = old.iter().find(|o| o.type_ == c.type_)
-                && prev.status == c.status
-            {
-                c.last_transition_time = prev.last_transition_time.clone();
-            }
-            c
-        })
-        .chain(old.iter().filter(|o| o.type_ == "AutoscalerHealthy").cloned())
-        .collect()
-}
-
 /// What the status should say after `plan` (with `head_pod_name` = the head's name after it ran).
 pub fn status(
     desired: &Desired,
@@ -284,26 +212,30 @@ pub fn status(
     head_pod_name: Option<String>,
     now: Timestamp,
 ) -> RayClusterStatus {
+    status_with(desired, observed, targets, plan, head_pod_name, None, now)
+}
+
+/// [`status`], with the autoscaler's condition when the pass knows it (`None` keeps the last one).
+pub fn status_with(
+    desired: &Desired,
+    observed: &Observed<'_>,
+    targets: &Targets,
+    plan: &Plan,
+    head_pod_name: Option<String>,
+    autoscaler: Option<ClusterCondition>,
+    now: Timestamp,
+) -> RayClusterStatus {
     let old = observed.status.cloned().unwrap_or_default();
     let generation = observed.generation;
-    let head = observed.pods.iter().find(|p| p.kind == NodeKind::Head && !p.terminating && p.hash == desired.head.hash);
-    let head_ready = head.is_some_and(|h| h.ready && h.phase == PodPhase::Running);
+    let head = observed::current_head(observed.pods, &desired.head.hash);
+    let head_ready = observed::head_is_ready(observed.pods, &desired.head.hash);
 
     let mut pod_types = Vec::new();
     let (mut want, mut have) = (0u32, 0u32);
     for t in &desired.workers {
         let desired_n = targets.workers.get(&t.type_name).copied().unwrap_or(t.min_workers);
-        let ready = observed
-            .pods
-            .iter()
-            .filter(|p| {
-                p.kind == NodeKind::Worker
-                    && p.type_name == t.type_name
-                    && p.hash == t.hash
-                    && p.ready
-                    && !p.terminating
-            })
-            .count() as u32;
+        let ready =
+            observed.pods.iter().filter(|p| p.is_worker_of(&t.type_name) && p.hash == t.hash && p.ready).count() as u32;
         want += desired_n;
         have += ready.min(desired_n);
         pod_types.push(PodTypeStatus { name: t.type_name.clone(), desired: desired_n, ready });
@@ -331,13 +263,12 @@ pub fn status(
         Phase::AutoscalingExceptionRecovery => ("HeadRecovery", "recovering a failed or deleted head pod".into()),
         _ => ("Reconciling", format!("{have}/{want} workers ready; pods are being created or replaced")),
     };
-    let conditions = merge_conditions(
-        &old.conditions,
-        vec![
-            condition("Ready", phase == Phase::Running, ready_reason, ready_msg, generation, now),
-            condition("HeadReady", head_ready, head_reason, head_msg, generation, now),
-        ],
-    );
+    let mut computed = vec![
+        ClusterCondition::new(ConditionType::Ready, phase == Phase::Running, ready_reason, ready_msg),
+        ClusterCondition::new(ConditionType::HeadReady, head_ready, head_reason, head_msg),
+    ];
+    computed.extend(autoscaler);
+    let conditions = conditions::merge(&old.conditions, &computed, generation, now);
     RayClusterStatus {
         phase: Some(phase),
         autoscaler_retries: retries,
@@ -358,29 +289,13 @@ pub fn error_status(observed: &Observed<'_>, err: &InvalidSpec, now: Timestamp) 
     RayClusterStatus {
         phase: Some(Phase::Error),
         observed_generation: observed.generation,
-        conditions: merge_conditions(
+        conditions: conditions::merge(
             &old.conditions,
-            vec![condition("Ready", false, "InvalidSpec", message.clone(), observed.generation, now)],
+            &[ClusterCondition::new(ConditionType::Ready, false, "InvalidSpec", message.clone())],
+            observed.generation,
+            now,
         ),
         message: Some(message),
         ..old
     }
-}
-
-/// Sets (or replaces) one condition, keeping its transition time when its status is unchanged.
-pub fn set_condition(
-    status: &mut RayClusterStatus,
-    old: Option<&RayClusterStatus>,
-    (ok, reason, message): (bool, &str, String),
-    now: Timestamp,
-) {
-    const TYPE: &str = "AutoscalerHealthy";
-    let mut c = condition(TYPE, ok, reason, message, status.observed_generation, now);
-    if let Some(prev) = old.and_then(|o| o.conditions.iter().find(|p| p.type_ == TYPE))
-        && prev.status == c.status
-    {
-        c.last_transition_time = prev.last_transition_time.clone();
-    }
-    status.conditions.retain(|x| x.type_ != TYPE);
-    status.conditions.push(c);
 }

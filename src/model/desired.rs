@@ -11,9 +11,9 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
-use sha2::{Digest, Sha256};
 
-use super::resources::{RayResources, ray_resources};
+use super::resources::{ResourceMap, ray_resources};
+use super::short_hash;
 use crate::api::{PodType, RayCluster};
 
 /// Label: name of the RayCluster a pod belongs to (every Ray pod; the operator's watch selector).
@@ -26,6 +26,10 @@ pub const LABEL_POD_TYPE: &str = "ray-user-node-type";
 pub const LABEL_LAUNCH_HASH: &str = "ray-launch-config";
 /// Label on the head pod, selected by the head Service.
 pub const LABEL_COMPONENT: &str = "cluster.ray.io/component";
+
+/// Annotation overriding the GCS address (`host:port`), e.g. when the operator runs outside the
+/// Kubernetes cluster. Our own annotations never count as the user's "restart" annotation.
+pub const GCS_ADDRESS_ANNOTATION: &str = "cluster.ray.io/gcs-address";
 
 /// Default GCS port when `ray start --head` has no `--port`.
 pub const DEFAULT_GCS_PORT: i32 = 6379;
@@ -65,7 +69,7 @@ pub struct PodTemplate {
     /// Value of the `ray-launch-config` label.
     pub hash: String,
     /// Resources this pod offers Ray (for the autoscaler).
-    pub resources: RayResources,
+    pub resources: ResourceMap,
     pub min_workers: u32,
     pub max_workers: u32,
 }
@@ -74,6 +78,8 @@ pub struct PodTemplate {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Desired {
     pub service: Service,
+    /// The `ray-launch-config` hash the head Service carries: it is applied only when this changes.
+    pub service_hash: String,
     pub head: PodTemplate,
     /// Worker types in manifest order.
     pub workers: Vec<PodTemplate>,
@@ -84,6 +90,12 @@ pub struct Desired {
 /// Name of the head Service of a cluster.
 pub fn head_service_name(cluster: &str) -> String {
     format!("{cluster}-ray-head")
+}
+
+/// The head Service's DNS name, `<cluster>-ray-head.<namespace>.svc`: how workers (and, without a
+/// ClusterIP, the autoscaler) reach the head.
+pub fn head_service_dns(cluster: &str, namespace: &str) -> String {
+    format!("{}.{namespace}.svc", head_service_name(cluster))
 }
 
 /// The GCS port named by `--port N` / `--port=N` in the head start commands.
@@ -249,10 +261,39 @@ fn restart_token(cluster: &RayCluster) -> BTreeMap<&str, &str> {
         .collect()
 }
 
-/// Short stable hash of a JSON value (serde_json maps are sorted, so equal inputs hash equally).
-fn hash_json(value: &serde_json::Value) -> String {
-    let digest = Sha256::digest(value.to_string().as_bytes());
-    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+/// The environment every Ray container gets: how to reach the head, which pod and type it is
+/// (how Ray nodes are matched to pods), and what to advertise.
+fn set_ray_env(
+    container: &mut Container,
+    name: &str,
+    namespace: &str,
+    type_name: &str,
+    resources: &ResourceMap,
+    kind: NodeKind,
+) {
+    let env = container.env.get_or_insert_with(Vec::new);
+    let mut set_env = |name: &str, value: Option<String>, source: Option<EnvVarSource>| {
+        env.retain(|e| e.name != name);
+        env.push(EnvVar { name: name.into(), value, value_from: source });
+    };
+    set_env("RAY_HEAD_IP", Some(head_service_dns(name, namespace)), None);
+    set_env(
+        "RAY_CLOUD_INSTANCE_ID",
+        None,
+        Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector { field_path: "metadata.name".into(), api_version: None }),
+            ..Default::default()
+        }),
+    );
+    set_env("RAY_NODE_TYPE_NAME", Some(type_name.to_string()), None);
+    // `ray start` advertises exactly these resources (CPU/GPU/memory from the container, plus
+    // rayResources), so Ray's view of a node matches the type the autoscaler planned with.
+    if !resources.is_empty() {
+        set_env("RAY_OVERRIDE_RESOURCES", serde_json::to_string(resources).ok(), None);
+    }
+    if kind == NodeKind::Head {
+        set_env("RAY_enable_autoscaler_v2", Some("1".into()), None);
+    }
 }
 
 /// Builds the pod template of one pod type.
@@ -295,41 +336,23 @@ fn pod_template(
 
     // The hash covers what the user controls for this type, not what we derive from it, so an
     // operator upgrade that changes the wrapping does not restart every Ray pod.
-    let hash = hash_json(&serde_json::json!({
-        "podConfig": config,
-        "kind": kind.label(),
-        "setup": setup,
-        "start": start,
-        "restart": restart_token(cluster),
-        "resources": resources,
-    }));
+    // serde_json maps are sorted, so equal inputs hash equally.
+    let hash = short_hash(
+        &serde_json::json!({
+            "podConfig": config,
+            "kind": kind.label(),
+            "setup": setup,
+            "start": start,
+            "restart": restart_token(cluster),
+            "resources": resources,
+        })
+        .to_string(),
+    );
 
     container.command = Some(wrap_entrypoint(&setup, &start, container));
     container.args = None;
     inject_ray_probes(container, kind);
-    let env = container.env.get_or_insert_with(Vec::new);
-    let mut set_env = |name: &str, value: Option<String>, source: Option<EnvVarSource>| {
-        env.retain(|e| e.name != name);
-        env.push(EnvVar { name: name.into(), value, value_from: source });
-    };
-    set_env("RAY_HEAD_IP", Some(format!("{}.{namespace}.svc", head_service_name(&name))), None);
-    set_env(
-        "RAY_CLOUD_INSTANCE_ID",
-        None,
-        Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector { field_path: "metadata.name".into(), api_version: None }),
-            ..Default::default()
-        }),
-    );
-    set_env("RAY_NODE_TYPE_NAME", Some(pod_type.name.clone()), None);
-    // `ray start` advertises exactly these resources (CPU/GPU/memory from the container, plus
-    // rayResources), so Ray's view of a node matches the type the autoscaler planned with.
-    if !resources.is_empty() {
-        set_env("RAY_OVERRIDE_RESOURCES", serde_json::to_string(&resources).ok(), None);
-    }
-    if kind == NodeKind::Head {
-        set_env("RAY_enable_autoscaler_v2", Some("1".into()), None);
-    }
+    set_ray_env(container, &name, &namespace, &pod_type.name, &resources, kind);
 
     let meta = &mut pod.metadata;
     let generate = meta.generate_name.take().unwrap_or_else(|| format!("{}-", pod_type.name));
@@ -380,5 +403,7 @@ pub fn desired(cluster: &RayCluster) -> Result<Desired, InvalidSpec> {
             workers.push(pod_template(cluster, i, t, NodeKind::Worker)?);
         }
     }
-    Ok(Desired { service: head_service(cluster), head, workers, gcs_port: gcs_port(cluster) })
+    let service = head_service(cluster);
+    let service_hash = short_hash(&serde_json::to_string(&service.spec).unwrap_or_default());
+    Ok(Desired { service, service_hash, head, workers, gcs_port: gcs_port(cluster) })
 }

@@ -1,5 +1,5 @@
 //! From what the GCS reports and the pods the operator knows, to the input of the scale-up
-//! decision ([`crate::autoscaler::decision::get_nodes_to_launch`]).
+//! decision ([`super::decision::get_nodes_to_launch`]).
 //!
 //! Ray's v1 autoscaler, whose decision we port, gets its nodes from the cloud provider (for
 //! KubeRay: the pods) and their resources from Ray. The same split is kept here: the pods are the
@@ -24,10 +24,8 @@
 
 use std::collections::HashMap;
 
-use super::state::{ClusterState, NodeStatus, RayNode, ResourceDemand};
-use crate::autoscaler::decision::{
-    DecisionInput, ExistingNode, NodeTypeConfig, PlacementGroup, PlacementGroupBundle, ResourceMap,
-};
+use super::decision::{DecisionInput, ExistingNode, NodeTypeConfig, PlacementGroup, PlacementGroupBundle, ResourceMap};
+use crate::ray::{ClusterState, NodeStatus, RayNode, ResourceDemand};
 
 /// At most this many pending requests (and, separately, constraint bundles) are expanded into
 /// the decision's one-entry-per-request lists. It only bounds memory against an absurd count

@@ -1,4 +1,5 @@
-//! Kubernetes quantities → Ray resources (SPEC §5).
+//! Ray resources: the vocabulary ([`ResourceMap`], [`PlacementStrategy`]) and how a pod type's
+//! Kubernetes quantities become Ray resources (SPEC §5).
 //!
 //! Ray learns a pod type's resources from its Ray container: CPU (rounded up to whole CPUs, as Ray
 //! counts them), GPU (any resource whose name contains `gpu`, e.g. `nvidia.com/gpu`) and memory in
@@ -9,8 +10,22 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::Container;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
-/// Ray resources of one pod type, e.g. `{"CPU": 1, "memory": 536870912, "Custom1": 1}`.
-pub type RayResources = BTreeMap<String, f64>;
+/// Ray resources by name, e.g. `{"CPU": 1, "memory": 536870912, "Custom1": 1}`: what a pod type
+/// offers, what a node has, what a request needs.
+pub type ResourceMap = BTreeMap<String, f64>;
+
+/// Ray's `PlacementStrategy` for placement groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PlacementStrategy {
+    /// Bundles are ordinary demands (best effort packing).
+    Pack,
+    /// Bundles are ordinary demands (best effort spreading).
+    Spread,
+    /// All bundles must land on one node: they are summed into one demand.
+    StrictPack,
+    /// Every bundle needs its own node.
+    StrictSpread,
+}
 
 /// Parses a Kubernetes quantity (`500m`, `2`, `1.5`, `512Mi`, `1G`, `1e3`) into a number.
 /// Returns `None` for anything that is not a quantity.
@@ -60,8 +75,8 @@ fn min_of_request_and_limit(container: &Container, pred: impl Fn(&str) -> bool) 
 
 /// Ray resources of a pod type from its Ray container and its `rayResources` (which win on conflict,
 /// so users can override what was detected).
-pub fn ray_resources(container: &Container, ray_resources: Option<&BTreeMap<String, f64>>) -> RayResources {
-    let mut out = RayResources::new();
+pub fn ray_resources(container: &Container, ray_resources: Option<&BTreeMap<String, f64>>) -> ResourceMap {
+    let mut out = ResourceMap::new();
     if let Some(cpu) = min_of_request_and_limit(container, |k| k == "cpu") {
         // Ray schedules whole CPUs for a node; 1500m advertises 2 like Ray's own detection.
         out.insert("CPU".into(), cpu.ceil());

@@ -1,0 +1,160 @@
+//! The autoscaler's part of a pass: the remembered worker targets, the link to the GCS, drains,
+//! and Ray's decision ([`crate::autoscaler::scale::decide`]) applied to the targets.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::SystemTime;
+
+use kube::ResourceExt;
+
+use super::conditions::{ClusterCondition, ConditionType};
+use super::plan;
+use super::{LinkAction, LogLine, PassDecision, PassEvent, PassInput, Scaled};
+use crate::api::RayCluster;
+use crate::autoscaler::scale::{self, DrainState, LinkHealth};
+use crate::model::desired::{Desired, GCS_ADDRESS_ANNOTATION, head_service_dns};
+use crate::model::observed::{self, ObservedPod};
+
+/// What the autoscaler's part hands to the rest of the pass.
+#[derive(Default)]
+pub(super) struct Scaling {
+    /// Pods being drained: not counted, not touched by the plan.
+    pub draining: BTreeSet<String>,
+    /// Drained pods whose Ray node is gone: delete them.
+    pub delete: Vec<String>,
+    /// The AutoscalerHealthy condition, when this pass knows it.
+    pub condition: Option<ClusterCondition>,
+}
+
+fn unhealthy(reason: &'static str, message: String) -> Option<ClusterCondition> {
+    Some(ClusterCondition::new(ConditionType::AutoscalerHealthy, false, reason, message))
+}
+
+/// The GCS address of a cluster: the override annotation, else the head Service's ClusterIP and
+/// `gcs` port (no DNS lookup per poll), else the Service's DNS name.
+pub fn gcs_address(cluster: &RayCluster, desired: &Desired, service_ip: Option<&str>) -> String {
+    if let Some(a) = cluster.annotations().get(GCS_ADDRESS_ANNOTATION).filter(|a| !a.is_empty()) {
+        return a.clone();
+    }
+    let port = desired.gcs_port;
+    match service_ip {
+        Some(ip) if ip.contains(':') => format!("[{ip}]:{port}"),
+        Some(ip) => format!("{ip}:{port}"),
+        None => format!("{}:{port}", head_service_dns(&cluster.name_any(), &cluster.namespace().unwrap_or_default())),
+    }
+}
+
+/// Clamps each target to its type's bounds, then all of them, in manifest order, to the global
+/// `maxWorkers` (which wins over `minWorkers`, as without the autoscaler).
+fn clamp_targets(targets: &mut BTreeMap<String, u32>, desired: &Desired, global_max: u32) {
+    let mut left = global_max;
+    for t in &desired.workers {
+        if let Some(n) = targets.get_mut(&t.type_name) {
+            *n = (*n).clamp(t.min_workers, t.max_workers.max(t.min_workers)).min(left);
+            left -= *n;
+        }
+    }
+    targets.retain(|k, _| desired.workers.iter().any(|t| &t.type_name == k));
+}
+
+/// Sets `out.memory.targets`: without the autoscaler each type's `minWorkers` (within the global
+/// `maxWorkers`); with it, the remembered targets (initialised from the pods, clamped to the
+/// bounds) moved by Ray's decision. With the autoscaler, also decides the link, the drains, the
+/// report and the launches.
+pub(super) fn autoscale(input: &PassInput<'_>, desired: &Desired, out: &mut PassDecision) -> Scaling {
+    let global_max = input.cluster.spec.max_workers();
+    if input.settings.autoscaler.is_none() {
+        out.memory.targets = plan::min_worker_targets(desired, global_max).workers;
+        return Scaling::default();
+    }
+    // Pods being drained are on their way out: they count for no target (rejected drains are
+    // forgotten below, and those pods count again).
+    let draining = |p: &ObservedPod| {
+        input.ray.and_then(|r| r.drains.get(&p.name)).is_some_and(|st| !matches!(st, DrainState::Rejected(_)))
+    };
+    for t in &desired.workers {
+        // Initialised from what exists (old and new pods of a type count once).
+        let live = |current: bool| {
+            let of = |p: &&ObservedPod| p.is_live_worker_of(&t.type_name) && (p.hash == t.hash) == current;
+            input.pods.iter().filter(of).filter(|p| !draining(p)).count() as u32
+        };
+        out.memory.targets.entry(t.type_name.clone()).or_insert_with(|| live(true).max(live(false)));
+    }
+    clamp_targets(&mut out.memory.targets, desired, global_max);
+    if !observed::head_is_running(input.pods, &desired.head.hash) {
+        out.ray.link = LinkAction::Stop;
+        let condition = unhealthy("HeadNotRunning", "waiting for the head pod to run".into());
+        return Scaling { condition, ..Default::default() };
+    }
+    let addr = gcs_address(input.cluster, desired, input.service.and_then(|s| s.cluster_ip.as_deref()));
+    let Some(ray) = input.ray.filter(|r| r.addr == addr) else {
+        // A new link knows nothing yet: keep what exists, and whatever the condition said (an
+        // operator restart must not rewrite the status of every cluster).
+        out.ray.link = LinkAction::Connect(addr);
+        return Scaling::default();
+    };
+    // Forget drains of pods that are gone, and rejected ones (the node got work: keep it).
+    let names: BTreeSet<&str> = input.pods.iter().map(|p| p.name.as_str()).collect();
+    let (kept, forgotten): (Vec<_>, Vec<_>) =
+        ray.drains.iter().partition(|(pod, st)| names.contains(pod.as_str()) && !matches!(st, DrainState::Rejected(_)));
+    out.ray.forget_drains = forgotten.into_iter().map(|(pod, _)| pod.clone()).collect();
+    let mut draining: BTreeSet<String> = kept.iter().map(|(pod, _)| (*pod).clone()).collect();
+
+    let Some(snapshot) = ray.snapshot else {
+        // No fresh view of Ray: never scale down, keep what exists (at least minWorkers).
+        let condition = match ray.health {
+            LinkHealth::Unhealthy { reason, message } => {
+                unhealthy(gcs_reason(reason), format!("GCS at {addr}: {message}"))
+            }
+            _ => None,
+        };
+        return Scaling { draining, condition, ..Default::default() };
+    };
+    let idle_ms = i64::from(input.cluster.spec.idle_timeout_minutes()) * 60_000;
+    let now = SystemTime::from(input.now);
+    // Every drain asked for counts, answered or not: a pod whose drain is still on its way to the
+    // GCS must not be drained (and its target lowered) a second time.
+    let s = match scale::decide(&input.cluster.spec, desired, input.pods, snapshot, &draining, idle_ms, now) {
+        Ok(s) => s,
+        Err(e) => {
+            out.log.push(LogLine::Warn(format!("autoscaler decision failed: {e}")));
+            return Scaling { draining, condition: unhealthy("DecisionFailed", e.to_string()), ..Default::default() };
+        }
+    };
+    for d in &s.drain {
+        out.log.push(LogLine::Info(format!("draining idle worker {} (Ray node {})", d.pod, d.node_id)));
+    }
+    let before = out.memory.targets.clone();
+    for t in &desired.workers {
+        let launch = s.launches.get(&t.type_name).copied().unwrap_or(0);
+        let drained = s.drain.iter().filter(|d| d.type_name == t.type_name).count() as u32;
+        if let Some(target) = out.memory.targets.get_mut(&t.type_name) {
+            *target = (*target + launch).saturating_sub(drained);
+        }
+    }
+    clamp_targets(&mut out.memory.targets, desired, global_max);
+    // Ray's min_workers may ask for more than the global maxWorkers allows; what the clamp
+    // dropped is no decision to announce.
+    if let Some(summary) = s.summary.as_ref().filter(|_| out.memory.targets != before || !s.drain.is_empty()) {
+        out.log.push(LogLine::Info(summary.clone()));
+        out.events.push(PassEvent { warning: false, reason: "Autoscaled", note: summary.clone() });
+        out.scaled = Some(if s.launches.is_empty() { Scaled::Down } else { Scaled::Up });
+    }
+    draining.extend(s.drain.iter().map(|d| d.pod.clone()));
+    out.ray.drains = s.drain;
+    out.ray.report = Some(s.report);
+    let message = format!("reading demand from the GCS at {addr}");
+    Scaling {
+        draining,
+        delete: s.delete,
+        condition: Some(ClusterCondition::new(ConditionType::AutoscalerHealthy, true, "GcsReachable", message)),
+    }
+}
+
+/// Condition reason for a bounded GCS error reason.
+fn gcs_reason(reason: &str) -> &'static str {
+    match reason {
+        "unreachable" | "connect" => "GcsUnreachable",
+        "timeout" => "GcsTimeout",
+        _ => "GcsError",
+    }
+}

@@ -1,0 +1,460 @@
+//! One reconcile pass as a function: [`decide`] takes everything a pass looks at ([`PassInput`]:
+//! the RayCluster, its [`Desired`] state, the observed pods and Service, Ray's view, the cluster's
+//! remembered [`Memory`], the time and the settings) and returns everything it does
+//! ([`PassDecision`]: creates, deletes, drains, the report for Ray, the new memory, the status,
+//! the Events and when to come back). Pure and synchronous: the executor (`reconciler::reconcile`,
+//! a layer above) reads, calls it, writes and records.
+//!
+//! [`plan`] holds the part of the decision that needs no autoscaler (which pods to create or delete
+//! against fixed targets, and the status); [`conditions`] the typed conditions and their one merge.
+
+pub mod conditions;
+pub mod plan;
+
+mod autoscale;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+use crate::api::{Phase, RayCluster, RayClusterStatus};
+use crate::autoscaler::scale::{DrainCandidate, DrainState, LinkHealth};
+use crate::model::desired::{Desired, InvalidSpec, NodeKind};
+use crate::model::observed::{ObservedPod, ObservedService};
+use crate::ray::{AutoscalingReport, ClusterState};
+pub use autoscale::gcs_address;
+use conditions::ConditionType;
+use plan::{Action, DeleteReason, Observed, Targets};
+
+/// How long a status change within the same phase may wait for the next one. Counting ready
+/// pods one by one (`workers 3/500`, `4/500`, ...) would cost a status write per pod event, and
+/// bringing a cluster up would take three (created, head ready, all ready) where two say the
+/// same; phase and generation changes are written at once.
+pub const STATUS_COALESCE: Duration = Duration::from_secs(1);
+
+/// Autoscaler timing.
+#[derive(Clone, Debug)]
+pub struct AutoscalerSettings {
+    /// How often each cluster's GCS is read.
+    pub interval: Duration,
+    /// Timeout of every GCS call.
+    pub timeout: Duration,
+}
+
+/// The operator's settings a pass depends on.
+#[derive(Clone, Debug)]
+pub struct PassSettings {
+    /// Most pods one cluster creates in one pass before other clusters of its shard get a turn.
+    pub create_batch: usize,
+    /// How the autoscaler talks to Ray; `None` keeps every type at `minWorkers`.
+    pub autoscaler: Option<AutoscalerSettings>,
+    /// How long a worker pod may stay unschedulable before its launch is given up (or retried).
+    pub unschedulable_timeout: Duration,
+}
+
+/// What a pass remembers about a cluster between passes (kept by the shard that owns it).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Memory {
+    /// Set when the API server rejected something built from this spec (fingerprint of the spec):
+    /// nothing is retried until the RayCluster changes.
+    pub rejected: Option<String>,
+    /// Workers wanted per type: the one owner of worker targets. Moved only by autoscaler
+    /// decisions (launches add, drains and given-up launches subtract) and clamped to the type's
+    /// bounds. Kept rather than recounted from pods, because during a rolling replacement old and
+    /// new pods of one logical worker both exist.
+    pub targets: BTreeMap<String, u32>,
+    /// When a status change that is not urgent (same phase, same generation) is written at the
+    /// latest; set while one waits. See [`STATUS_COALESCE`].
+    pub status_due: Option<Timestamp>,
+}
+
+/// Ray's side of a cluster as the link to its GCS last saw it.
+#[derive(Clone, Copy, Debug)]
+pub struct RayView<'a> {
+    /// The GCS address the link talks to.
+    pub addr: &'a str,
+    pub health: &'a LinkHealth,
+    /// The latest cluster state, if the GCS answered recently enough to decide from it.
+    pub snapshot: Option<&'a ClusterState>,
+    /// Drain requests by pod.
+    pub drains: &'a BTreeMap<String, DrainState>,
+}
+
+/// Everything one pass looks at.
+#[derive(Clone, Copy, Debug)]
+pub struct PassInput<'a> {
+    pub cluster: &'a RayCluster,
+    /// [`crate::model::desired::desired`] of `cluster`.
+    pub desired: &'a Result<Desired, InvalidSpec>,
+    pub pods: &'a [ObservedPod],
+    pub service: Option<&'a ObservedService>,
+    /// `None` while no link to the GCS runs.
+    pub ray: Option<RayView<'a>>,
+    pub memory: &'a Memory,
+    pub now: Timestamp,
+    pub settings: &'a PassSettings,
+}
+
+/// Pods to create from one template.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Create {
+    /// `None`: the head; `Some(i)`: `desired.workers[i]`.
+    pub worker: Option<usize>,
+    pub count: usize,
+}
+
+/// A pod to delete (guarded by its UID).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delete {
+    pub name: String,
+    pub uid: String,
+    pub reason: DeleteReason,
+}
+
+/// The API writes of a pass besides the status. They are independent of each other.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Writes {
+    pub apply_service: bool,
+    /// Within the pass's creation budget.
+    pub creates: Vec<Create>,
+    pub deletes: Vec<Delete>,
+}
+
+impl Writes {
+    pub fn is_empty(&self) -> bool {
+        !self.apply_service && self.creates.is_empty() && self.deletes.is_empty()
+    }
+}
+
+/// What to do with the link to the GCS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkAction {
+    /// Leave it as it is (running or not).
+    Keep,
+    /// (Re)connect to this address: none runs, or the one running talks to another address.
+    Connect(String),
+    /// Stop it: the head does not run.
+    Stop,
+}
+
+/// What a pass tells Ray.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RayActions {
+    pub link: LinkAction,
+    /// Drains to forget (the pod is gone, or the GCS rejected the drain: a later pass may ask again).
+    pub forget_drains: Vec<String>,
+    /// Idle workers to drain now.
+    pub drains: Vec<DrainCandidate>,
+    /// What `ray status` should show, when the autoscaler decided.
+    pub report: Option<AutoscalingReport>,
+}
+
+/// An Event about the cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PassEvent {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub note: String,
+}
+
+/// A log line about the cluster (the executor prefixes the cluster).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LogLine {
+    Info(String),
+    Warn(String),
+}
+
+/// What the caller should do next with this cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Nothing until something changes (a watch event wakes us).
+    Idle,
+    /// More work is left (a batch limit was hit): queue again behind the shard's other clusters.
+    Continue,
+    /// Try again after a delay (timers, deferred status).
+    After(Duration),
+}
+
+/// Whether the autoscaler scaled up or down (a metric label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scaled {
+    Up,
+    Down,
+}
+
+impl Scaled {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scaled::Up => "up",
+            Scaled::Down => "down",
+        }
+    }
+}
+
+/// Everything one pass does.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PassDecision {
+    pub writes: Writes,
+    pub ray: RayActions,
+    pub memory: Memory,
+    /// The status to write once the writes succeeded; `None`: nothing to write now. When the pass
+    /// creates the head, [`PassDecision::head_created`] completes it with the new pod's name.
+    pub status: Option<RayClusterStatus>,
+    /// Events to publish before the writes (what was decided; the writes' own Events are the
+    /// executor's, since they depend on what the API server answered).
+    pub events: Vec<PassEvent>,
+    pub log: Vec<LogLine>,
+    pub next: Next,
+    /// The head failed or vanished and this pass recreates it (`autoscalerRetries` + 1).
+    pub head_recovery: bool,
+    pub scaled: Option<Scaled>,
+}
+
+impl PassDecision {
+    fn nothing(memory: &Memory) -> Self {
+        PassDecision {
+            writes: Writes::default(),
+            ray: RayActions { link: LinkAction::Keep, forget_drains: vec![], drains: vec![], report: None },
+            memory: memory.clone(),
+            status: None,
+            events: vec![],
+            log: vec![],
+            next: Next::Idle,
+            head_recovery: false,
+            scaled: None,
+        }
+    }
+
+    /// Records the name of the head pod this pass created: the status names it and says it is not
+    /// ready yet (what the next pass will see).
+    pub fn head_created(&mut self, name: &str) {
+        let Some(status) = self.status.as_mut() else { return };
+        status.head_pod_name = Some(name.to_string());
+        if let Some(c) = status.conditions.iter_mut().find(|c| c.type_ == ConditionType::HeadReady.as_str()) {
+            c.reason = "HeadPodNotReady".into();
+            c.message = format!("head pod {name} is not ready yet");
+        }
+    }
+}
+
+/// Fingerprint of everything that may turn a rejected spec into an accepted one.
+pub fn spec_fingerprint(cluster: &RayCluster) -> String {
+    format!("{:?}/{:?}", cluster.metadata.generation, cluster.metadata.annotations)
+}
+
+/// Decides one pass.
+pub fn decide(input: &PassInput<'_>) -> PassDecision {
+    let mut out = PassDecision::nothing(input.memory);
+    let cluster = input.cluster;
+    if cluster.metadata.deletion_timestamp.is_some() {
+        // Children go with garbage collection; nothing to do.
+        return out;
+    }
+    let observed = Observed {
+        pods: input.pods,
+        service_hash: input.service.map(|s| s.hash.as_str()),
+        status: cluster.status.as_ref(),
+        generation: cluster.metadata.generation,
+    };
+    let desired = match input.desired {
+        Ok(d) => d,
+        Err(invalid) => {
+            let status = plan::error_status(&observed, invalid, input.now);
+            if cluster.status.as_ref() != Some(&status) {
+                out.log.push(LogLine::Warn(format!("invalid spec: {invalid}")));
+                out.events.push(PassEvent { warning: true, reason: "InvalidSpec", note: invalid.to_string() });
+                out.status = Some(status);
+            }
+            return out;
+        }
+    };
+    if input.memory.rejected.as_deref() == Some(spec_fingerprint(cluster).as_str()) {
+        return out;
+    }
+    out.memory.rejected = None;
+
+    let scaling = autoscale::autoscale(input, desired, &mut out);
+    let deletes = give_up_unschedulable(input, desired, &scaling.delete, &mut out);
+    // Without the autoscaler the targets are the spec's and surplus pods go; with it only Ray's
+    // decision removes workers (by draining idle ones).
+    let targets =
+        Targets { workers: out.memory.targets.clone(), allow_scale_down: input.settings.autoscaler.is_none() };
+    let visible: Vec<ObservedPod> =
+        input.pods.iter().filter(|p| !scaling.draining.contains(&p.name)).cloned().collect();
+    let mut planned = plan::plan(desired, &Observed { pods: &visible, ..observed.clone() }, &targets);
+    for (name, reason) in deletes {
+        if let Some(p) = input.pods.iter().find(|p| p.name == name) {
+            planned.actions.push(Action::DeletePod { name: p.name.clone(), uid: p.uid.clone(), reason });
+        }
+    }
+    out.head_recovery = planned.head_recovery;
+    let more = budget(&planned.actions, input.settings.create_batch, &mut out.writes);
+
+    // The status of the world once the writes are done: deleted pods are terminating; created
+    // ones are pending and not ready, so they count nowhere but as the head (`head_created`).
+    let mut after = visible;
+    for p in after.iter_mut() {
+        if out.writes.deletes.iter().any(|d| d.name == p.name) {
+            p.terminating = true;
+        }
+    }
+    let observed_after = Observed { pods: &after, ..observed };
+    let status = plan::status_with(desired, &observed_after, &targets, &planned, None, scaling.condition, input.now);
+    let creates_head = out.writes.creates.iter().any(|c| c.worker.is_none());
+    let status_wait = coalesce_status(cluster.status.as_ref(), status, creates_head, input.now, &mut out);
+    out.next = next(input, more, status_wait, &out.ray.link);
+    out
+}
+
+/// Worker pods the scheduler could not place for the unschedulable timeout: with the autoscaler,
+/// the launch is given up (target − 1, Warning Event, reported to Ray as a failed launch by the
+/// next report); without it, the pod is deleted and replaced. Returns every autoscaler delete
+/// with these added.
+fn give_up_unschedulable(
+    input: &PassInput<'_>,
+    desired: &Desired,
+    drained: &[String],
+    out: &mut PassDecision,
+) -> Vec<(String, DeleteReason)> {
+    let mut deletes: Vec<(String, DeleteReason)> = drained.iter().map(|n| (n.clone(), DeleteReason::Drained)).collect();
+    let timeout = input.settings.unschedulable_timeout.as_secs_f64();
+    for p in input.pods.iter().filter(|p| p.kind == NodeKind::Worker && !p.terminating) {
+        let Some(since) = p.unschedulable_since else { continue };
+        let stuck = input.now.duration_since(since).as_secs_f64();
+        if stuck < timeout || drained.contains(&p.name) {
+            continue;
+        }
+        let msg = format!(
+            "pod {} of type {} could not be scheduled for {stuck:.0}s; giving up this launch",
+            p.name, p.type_name
+        );
+        out.log.push(LogLine::Warn(msg.clone()));
+        out.events.push(PassEvent { warning: true, reason: "LaunchFailed", note: msg });
+        if input.settings.autoscaler.is_some()
+            && let Some(t) = out.memory.targets.get_mut(&p.type_name)
+        {
+            let min = desired.workers.iter().find(|w| w.type_name == p.type_name).map_or(0, |w| w.min_workers);
+            // Never up: the global maxWorkers may hold a type below its minWorkers.
+            *t = t.saturating_sub(1).max(min).min(*t);
+        }
+        deletes.push((p.name.clone(), DeleteReason::Unschedulable));
+    }
+    deletes
+}
+
+/// Splits the plan into writes within the creation budget; true when creates were left for later.
+fn budget(actions: &[Action], create_batch: usize, writes: &mut Writes) -> bool {
+    let mut more = false;
+    let mut left = create_batch.max(1);
+    for action in actions {
+        match action {
+            Action::CreatePods { worker, count } => {
+                let n = (*count).min(left);
+                left -= n;
+                more |= n < *count;
+                if n > 0 {
+                    writes.creates.push(Create { worker: *worker, count: n });
+                }
+            }
+            Action::ApplyService => writes.apply_service = true,
+            Action::DeletePod { name, uid, reason } => {
+                writes.deletes.push(Delete { name: name.clone(), uid: uid.clone(), reason: *reason })
+            }
+        }
+    }
+    more
+}
+
+/// Whether to write `status` now, later or not at all; sets `out.status` and the memory's due
+/// time. Returns how long a deferred write waits.
+fn coalesce_status(
+    old: Option<&RayClusterStatus>,
+    status: RayClusterStatus,
+    creates_head: bool,
+    now: Timestamp,
+    out: &mut PassDecision,
+) -> Option<Duration> {
+    // A created head gets a new name, so the status changes even if nothing else does.
+    if old == Some(&status) && !creates_head {
+        out.memory.status_due = None;
+        return None;
+    }
+    let urgent = old.is_none_or(|o| o.phase != status.phase || o.observed_generation != status.observed_generation);
+    let coalesce = SignedDuration::try_from(STATUS_COALESCE).unwrap_or(SignedDuration::ZERO);
+    let due = *out.memory.status_due.get_or_insert_with(|| now.checked_add(coalesce).unwrap_or(now));
+    if urgent || now >= due {
+        out.memory.status_due = None;
+        out.status = Some(status);
+        None
+    } else {
+        Some(due.duration_since(now).unsigned_abs())
+    }
+}
+
+/// When to come back.
+fn next(input: &PassInput<'_>, more: bool, status_wait: Option<Duration>, link: &LinkAction) -> Next {
+    let settings = input.settings;
+    // An unschedulable pod's timeout passes without any event: come back when it does.
+    let unschedulable_wait = input
+        .pods
+        .iter()
+        .filter_map(|p| p.unschedulable_since)
+        .map(|since| {
+            let stuck = input.now.duration_since(since).as_secs_f64().max(0.0);
+            Duration::from_secs_f64((settings.unschedulable_timeout.as_secs_f64() - stuck).max(0.0) + 0.1)
+        })
+        .min();
+    let link_healthy = *link == LinkAction::Keep && input.ray.is_some_and(|r| *r.health == LinkHealth::Healthy);
+    let next = if more {
+        Next::Continue
+    } else if let Some(wait) = unschedulable_wait {
+        Next::After(settings.autoscaler.as_ref().map_or(wait, |a| wait.min(a.interval)))
+    } else if let (Some(a), true) = (&settings.autoscaler, link_healthy) {
+        // Idle timers advance without any event: look again each interval (no API calls unless
+        // something changes). An unhealthy link wakes us itself when it recovers.
+        Next::After(a.interval)
+    } else {
+        Next::Idle
+    };
+    // A deferred status write comes back by itself.
+    match (next, status_wait) {
+        (Next::Idle, Some(w)) => Next::After(w),
+        (Next::After(d), Some(w)) => Next::After(d.min(w)),
+        (next, _) => next,
+    }
+}
+
+/// What a pass does when the API server rejected an object built from the spec (400/422).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rejection {
+    /// The error status, if it differs from the current one.
+    pub status: Option<RayClusterStatus>,
+    pub event: PassEvent,
+    pub log: LogLine,
+    /// For [`Memory::rejected`]: nothing is retried until the spec changes.
+    pub fingerprint: String,
+}
+
+/// The decision after a rejected write: an error status naming the object, and no retry until
+/// the RayCluster changes.
+pub fn rejected(cluster: &RayCluster, kind: &str, message: &str, now: Timestamp) -> Rejection {
+    let invalid = InvalidSpec { field: format!("spec.podTypes (the {kind} built from it)"), message: message.into() };
+    let observed =
+        Observed { status: cluster.status.as_ref(), generation: cluster.metadata.generation, ..Default::default() };
+    let status = plan::error_status(&observed, &invalid, now);
+    Rejection {
+        status: (cluster.status.as_ref() != Some(&status)).then_some(status),
+        event: PassEvent { warning: true, reason: "InvalidSpec", note: invalid.to_string() },
+        log: LogLine::Warn(format!("the API server rejected a {kind}: {message}")),
+        fingerprint: spec_fingerprint(cluster),
+    }
+}
+
+/// A phase transition, for the log (`None` when the phase stays).
+pub fn phase_change(old: Option<&RayClusterStatus>, new: &RayClusterStatus) -> Option<String> {
+    let was = old.and_then(|s| s.phase);
+    (was != new.phase).then(|| {
+        format!("phase {} -> {}", was.map_or("<none>", Phase::as_str), new.phase.map_or("<none>", Phase::as_str))
+    })
+}
