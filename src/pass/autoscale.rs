@@ -11,7 +11,7 @@ use super::plan;
 use super::{LinkAction, LogLine, PassDecision, PassEvent, PassInput, Scaled};
 use crate::api::RayCluster;
 use crate::autoscaler::scale::{self, DrainState, LinkHealth};
-use crate::model::desired::{Desired, GCS_ADDRESS_ANNOTATION, head_service_dns};
+use crate::model::desired::{Desired, GCS_ADDRESS_ANNOTATION, PodTemplate, head_service_dns};
 use crate::model::observed::{self, ObservedPod};
 
 /// What the autoscaler's part hands to the rest of the pass.
@@ -71,13 +71,17 @@ pub(super) fn autoscale(input: &PassInput<'_>, desired: &Desired, out: &mut Pass
     let draining = |p: &ObservedPod| {
         input.ray.and_then(|r| r.drains.get(&p.name)).is_some_and(|st| !matches!(st, DrainState::Rejected(_)))
     };
-    for t in &desired.workers {
-        // Initialised from what exists (old and new pods of a type count once).
+    // Live workers of a type that are not being drained (old and new pods of a type count once).
+    let have = |t: &PodTemplate| {
         let live = |current: bool| {
             let of = |p: &&ObservedPod| p.is_live_worker_of(&t.type_name) && (p.hash == t.hash) == current;
             input.pods.iter().filter(of).filter(|p| !draining(p)).count() as u32
         };
-        out.memory.targets.entry(t.type_name.clone()).or_insert_with(|| live(true).max(live(false)));
+        live(true).max(live(false))
+    };
+    for t in &desired.workers {
+        // Initialised from what exists.
+        out.memory.targets.entry(t.type_name.clone()).or_insert_with(|| have(t));
     }
     clamp_targets(&mut out.memory.targets, desired, global_max);
     if !observed::head_is_running(input.pods, &desired.head.hash) {
@@ -125,10 +129,14 @@ pub(super) fn autoscale(input: &PassInput<'_>, desired: &Desired, out: &mut Pass
     }
     let before = out.memory.targets.clone();
     for t in &desired.workers {
+        // Ray's launches are counted from the live pods, not from the target: a worker that died
+        // (its pod Finished) or a launch that is not a pod yet is in the target but not live, and
+        // Ray asks for it again. Adding would count it twice (seen: one dead worker replaced by two).
         let launch = s.launches.get(&t.type_name).copied().unwrap_or(0);
         let drained = s.drain.iter().filter(|d| d.type_name == t.type_name).count() as u32;
         if let Some(target) = out.memory.targets.get_mut(&t.type_name) {
-            *target = (*target + launch).saturating_sub(drained);
+            let wanted = if launch > 0 { (*target).max(have(t) + launch) } else { *target };
+            *target = wanted.saturating_sub(drained);
         }
     }
     clamp_targets(&mut out.memory.targets, desired, global_max);
