@@ -456,14 +456,7 @@ async fn namespace_scopes() {
     let pclient = private.client().await;
     let crd = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/cluster_crd.yaml");
     assert!(private.kubectl().args(["apply", "-f", crd]).status().unwrap().success());
-    assert!(
-        private
-            .kubectl()
-            .args(["wait", "--for=condition=established", "--timeout=60s", "crd/rayclusters.cluster.ray.io"])
-            .status()
-            .unwrap()
-            .success()
-    );
+    wait_crd_established(|| private.kubectl());
     let a = TestNamespace::new(&pclient, "cw-a").await;
     let b = TestNamespace::new(&pclient, "cw-b").await;
     let _cw = OperatorProcess::start_with_kubeconfig(&private.cp.kubeconfig, &["--no-leader-election"], &[]);

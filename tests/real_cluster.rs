@@ -229,7 +229,7 @@ async fn ray_runs_in_the_pods_the_operator_makes_on_a_real_node() {
     // 1. The walkthrough, for real: CRD, namespace, the namespaced overlay with only the image set.
     let t = Instant::now();
     real.ok(&["apply", "-f", "crds/cluster_crd.yaml"], None);
-    real.ok(&["wait", "--for=condition=established", "--timeout=60s", "crd/rayclusters.cluster.ray.io"], None);
+    wait_crd_established(|| real.cp.kubectl());
     real.ok(&["create", "namespace", NS], None);
     let overlay = repo().join("target").join(format!("real-node-overlay-{}", random_suffix()));
     std::fs::create_dir_all(&overlay).unwrap();

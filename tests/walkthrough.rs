@@ -119,7 +119,7 @@ async fn the_readme_walkthrough_works_step_by_step() {
     // kubectl apply -f crds/cluster_crd.yaml; kubectl create namespace ray;
     // kubectl -n ray apply -k kustomize/overlays/namespaced
     run(&cp, &["apply", "-f", "crds/cluster_crd.yaml"], None);
-    run(&cp, &["wait", "--for=condition=established", "--timeout=60s", "crd/rayclusters.cluster.ray.io"], None);
+    wait_crd_established(|| cp.kubectl());
     run(&cp, &["create", "namespace", NS], None);
     run(&cp, &["-n", NS, "apply", "-k", "kustomize/overlays/namespaced"], None);
     // The Deployment's own pods cannot run the operator here (kwok runs no containers); scale it

@@ -345,7 +345,25 @@ impl Cp {
         let bin = PathBuf::from(std::fs::read_to_string(dir.join("bindir"))?.trim());
         let cp = Self { kubeconfig: dir.join("admin.kubeconfig"), dir, bin, repo: opts.repo.clone() };
         cp.kubectl_ok(&["apply", "-f", opts.repo.join("crds/cluster_crd.yaml").to_str().unwrap()])?;
-        cp.kubectl_ok(&["wait", "--for=condition=established", "--timeout=60s", "crd/rayclusters.cluster.ray.io"])?;
+        // Polled, not `kubectl wait --for=condition=established`: that fails ("accessor error:
+        // <nil>") when it runs before the CRD has any status condition.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while cp
+            .kubectl_ok(&[
+                "get",
+                "crd",
+                "rayclusters.cluster.ray.io",
+                "-o=jsonpath={.status.conditions[?(@.type==\"Established\")].status}",
+            ])
+            .unwrap_or_default()
+            .trim()
+            != "True"
+        {
+            if Instant::now() > deadline {
+                bail!("the RayCluster CRD is not Established after 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         Ok(cp)
     }
 

@@ -306,8 +306,27 @@ pub fn install_crd() {
     ONCE.get_or_init(|| {
         let path = repo().join("crds/cluster_crd.yaml");
         kubectl_ok(&["apply", "-f", path.to_str().unwrap()]);
-        kubectl_ok(&["wait", "--for=condition=established", "--timeout=60s", "crd/rayclusters.cluster.ray.io"]);
+        wait_crd_established(kubectl);
     });
+}
+
+/// Waits until the RayCluster CRD is Established. Not `kubectl wait --for=condition=established`:
+/// right after the create, while the CRD has no status conditions yet, kubectl 1.36 fails with
+/// "accessor error: <nil> is of the type <nil>" instead of waiting (seen once in CI).
+pub fn wait_crd_established(mut kubectl: impl FnMut() -> Command) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = kubectl()
+            .args(["get", "crd", "rayclusters.cluster.ray.io"])
+            .arg("-o=jsonpath={.status.conditions[?(@.type==\"Established\")].status}")
+            .output()
+            .expect("run kubectl");
+        if out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "True" {
+            return;
+        }
+        assert!(Instant::now() < deadline, "CRD not Established after 60 s: {}", String::from_utf8_lossy(&out.stderr));
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// An operator replica running as a separate process (the real binary), killed on drop.
