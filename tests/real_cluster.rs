@@ -271,10 +271,8 @@ async fn ray_runs_in_the_pods_the_operator_makes_on_a_real_node() {
 
     let t = Instant::now();
     // A short idle timeout for example-cluster, so step 2 sees the idle worker removed.
-    real.ok(
-        &["-n", NS, "apply", "-f", "-"],
-        Some(&example("example_cluster.yaml", |y| y.replace("idleTimeoutMinutes: 5", "idleTimeoutMinutes: 1"))),
-    );
+    let short_idle = |y: String| y.replace("idleTimeoutMinutes: 5", "idleTimeoutMinutes: 1");
+    real.ok(&["-n", NS, "apply", "-f", "-"], Some(&example("example_cluster.yaml", short_idle)));
     real.ok(&["-n", NS, "apply", "-f", "-"], Some(&example("example_cluster2.yaml", |y| y)));
     let up1 = real.wait_ray_up("example-cluster", 2, Duration::from_secs(600)).await;
     let up2 = real.wait_ray_up("example-cluster2", 1, Duration::from_secs(300)).await;
@@ -449,8 +447,7 @@ async fn ray_runs_in_the_pods_the_operator_makes_on_a_real_node() {
     let t = Instant::now();
     let c1 = real.live("example-cluster").await;
     let annotated = example("example_cluster.yaml", |y| {
-        y.replace("idleTimeoutMinutes: 5", "idleTimeoutMinutes: 1")
-            .replace("  name: example-cluster\n", "  name: example-cluster\n  annotations:\n    try: again\n")
+        short_idle(y).replace("  name: example-cluster\n", "  name: example-cluster\n  annotations:\n    try: again\n")
     });
     real.ok(&["-n", NS, "apply", "-f", "-"], Some(&annotated));
     wait_until(Duration::from_secs(600), "example-cluster restarted, Ray healthy", || async {

@@ -82,14 +82,7 @@ async fn holder(client: &Client) -> Option<String> {
 }
 
 async fn ray_pods(client: &Client, cluster: &str) -> Vec<Pod> {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
-    pods.list(&ListParams::default().labels(&format!("ray-cluster-name={cluster}")))
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .collect()
+    live_pods(client, NS, &format!("ray-cluster-name={cluster}")).await
 }
 
 fn uids(pods: &[Pod]) -> BTreeMap<String, String> {
