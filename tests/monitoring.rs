@@ -95,20 +95,7 @@ fn promtool_accepts_the_rules_and_the_component_renders() {
     assert_eq!(for_of("RayClusterGcsUnreachable").as_deref(), Some("5m"));
 
     // The component goes on the namespaced overlay (kustomize's own check of a Component).
-    let overlay = tempfile::tempdir().unwrap();
-    let depth = overlay.path().components().count() - 1;
-    let up = "../".repeat(depth);
-    let rel = |p: &str| format!("{up}{}", repo().join(p).to_str().unwrap().trim_start_matches('/'));
-    std::fs::write(
-        overlay.path().join("kustomization.yaml"),
-        format!(
-            "resources: [{}]\ncomponents: [{}]\nnamespace: ray\n",
-            rel("kustomize/overlays/namespaced"),
-            rel("kustomize/components/monitoring")
-        ),
-    )
-    .unwrap();
-    let rendered = kubectl_ok(&["kustomize", overlay.path().to_str().unwrap()]);
+    let (_overlay, rendered) = overlay_with_component();
     for what in ["kind: PodMonitor", "kind: PrometheusRule", "kind: Deployment"] {
         assert!(rendered.contains(what), "{what} missing from the overlay with the component");
     }
@@ -121,6 +108,61 @@ fn promtool_accepts_the_rules_and_the_component_renders() {
         pm["spec"]["podMetricsEndpoints"][0]["port"],
         deploy["spec"]["template"]["spec"]["containers"][0]["ports"][0]["name"]
     );
+}
+
+/// The namespaced overlay with the monitoring component, into `default` (which always exists):
+/// the kustomization's directory and the render.
+fn overlay_with_component() -> (tempfile::TempDir, String) {
+    let overlay = tempfile::tempdir().unwrap();
+    // kustomize wants relative paths to what it includes.
+    let up = "../".repeat(overlay.path().components().count() - 1);
+    let rel = |p: &str| format!("{up}{}", repo().join(p).to_str().unwrap().trim_start_matches('/'));
+    std::fs::write(
+        overlay.path().join("kustomization.yaml"),
+        format!(
+            "resources: [{}]\ncomponents: [{}]\nnamespace: default\n",
+            rel("kustomize/overlays/namespaced"),
+            rel("kustomize/components/monitoring")
+        ),
+    )
+    .unwrap();
+    let rendered = kubectl_ok(&["kustomize", overlay.path().to_str().unwrap()]);
+    (overlay, rendered)
+}
+
+/// The component's PodMonitor and PrometheusRule against the Prometheus Operator's own CRDs
+/// (e2e/monitoring/crds, from its Go module): a server-side dry run with strict field validation
+/// refuses any field the CRDs do not know, which pruning would otherwise drop silently.
+#[test]
+fn the_component_fits_the_prometheus_operator_crds() {
+    let out = Command::new(repo().join("e2e/monitoring/crds")).output().expect("run e2e/monitoring/crds");
+    assert!(out.status.success(), "e2e/monitoring/crds: {}", String::from_utf8_lossy(&out.stderr));
+    let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).lines().last().unwrap().trim());
+    for kind in ["podmonitors", "prometheusrules"] {
+        let f = dir.join(format!("monitoring.coreos.com_{kind}.yaml"));
+        // Server-side: the CRDs' annotations are too large for client-side apply's last-applied.
+        kubectl_ok(&["apply", "--server-side", "--force-conflicts", "-f", f.to_str().unwrap()]);
+        let crd = format!("{kind}.monitoring.coreos.com");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let est = kubectl_ok(&[
+                "get",
+                "crd",
+                &crd,
+                "-o=jsonpath={.status.conditions[?(@.type==\"Established\")].status}",
+            ]);
+            if est.trim() == "True" {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{crd} not Established");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let (overlay, _) = overlay_with_component();
+    let out = kubectl_ok(&["apply", "--dry-run=server", "--validate=strict", "-k", overlay.path().to_str().unwrap()]);
+    for what in ["podmonitor.monitoring.coreos.com/ray-operator", "prometheusrule.monitoring.coreos.com/ray-operator"] {
+        assert!(out.contains(&format!("{what} created (server dry run)")), "{what}:\n{out}");
+    }
 }
 
 /// A Prometheus of our own on 127.0.0.1 (never Debian's service), killed on drop.
