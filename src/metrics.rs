@@ -205,3 +205,41 @@ impl Metrics {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_label_values_start_at_zero_and_fleet_gauges_are_set() {
+        let m = Metrics::new();
+        let text = m.encode();
+        // The names the alerts and the dashboard use (monitoring/, kustomize/components/monitoring).
+        for line in [
+            "ray_operator_reconcile_errors_total{reason=\"forbidden\"} 0",
+            "ray_operator_autoscaler_decisions_total{direction=\"up\"} 0",
+            "ray_operator_api_writes_total{target=\"status\"} 0",
+            "ray_operator_children_created_total{kind=\"pod\"} 0",
+            "ray_operator_gcs_calls_total{method=\"DrainNode\"} 0",
+            "ray_operator_clusters{phase=\"Pending\"} 0",
+            "ray_operator_clusters_gcs_unreachable 0",
+            "ray_operator_pods_unschedulable 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+        let start = text.lines().find_map(|l| l.strip_prefix("ray_operator_start_time_seconds ")).unwrap();
+        assert!(start.parse::<f64>().unwrap() > 1.7e9, "a Unix time: {start}");
+
+        m.set_fleet([1, 2, 0, 3, 0], 4, 5);
+        let text = m.encode();
+        for line in [
+            "ray_operator_clusters{phase=\"Pending\"} 1",
+            "ray_operator_clusters{phase=\"Running\"} 2",
+            "ray_operator_clusters{phase=\"Error\"} 3",
+            "ray_operator_clusters_gcs_unreachable 4",
+            "ray_operator_pods_unschedulable 5",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+    }
+}
