@@ -432,19 +432,26 @@ async fn replicas_for_pods(
     let deploy: Value =
         serde_json::from_str(&cp_kubectl_ok(cp, &["-n", ns, "get", "deploy/ray-operator", "-o", "json"]))
             .expect("Deployment JSON");
-    let env: Vec<(String, String)> = deploy["spec"]["template"]["spec"]["containers"][0]["env"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|e| Some((e["name"].as_str()?.to_string(), e["value"].as_str()?.to_string())))
-        .filter(|(k, _)| k != "RAY_OPERATOR_HEALTH_ADDR")
-        .collect();
+    let env = deploy["spec"]["template"]["spec"]["containers"][0]["env"].as_array().unwrap().clone();
     let mut out = BTreeMap::new();
     for p in pods {
         let name = p.name_any();
-        let mut e: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        e.push(("POD_NAME", &name));
-        e.push(("POD_NAMESPACE", ns));
+        // Values as the kubelet would set them: plain values, and the downward API's fieldRefs
+        // (POD_NAME, POD_NAMESPACE, the namespaced mode's RAY_OPERATOR_POD_NAMESPACE).
+        let e: Vec<(String, String)> = env
+            .iter()
+            .map(|e| {
+                let value = match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+                    Some("metadata.name") => name.clone(),
+                    Some("metadata.namespace") => ns.to_string(),
+                    Some(other) => panic!("unexpected fieldRef {other}"),
+                    None => e["value"].as_str().expect("a value or a fieldRef").to_string(),
+                };
+                (e["name"].as_str().unwrap().to_string(), value)
+            })
+            .filter(|(k, _)| k != "RAY_OPERATOR_HEALTH_ADDR")
+            .collect();
+        let e: Vec<(&str, &str)> = e.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let op = OperatorProcess::start_with_kubeconfig(kubeconfig, &[], &e);
         out.insert(name, op);
     }
@@ -655,4 +662,34 @@ async fn helm_install_upgrade_uninstall_keeps_clusters_untouched() {
     let rcs: Api<RayCluster> = Api::namespaced(client.clone(), rc_ns);
     assert_eq!(rcs.list(&Default::default()).await.unwrap().items.len(), 2);
     assert_eq!(ray_children(&client, &cp, rc_ns).await, children, "uninstalling the operator leaves Ray clusters be");
+
+    // Namespaced, on the same control plane (the CRD is already there: Helm skips crds/ that
+    // exist): the Role alone lets one replica bring a RayCluster of its namespace up.
+    let ns = "ray";
+    helm_ok(&["install", "ray-operator", chart, "-n", ns, "--create-namespace", "--set", "replicas=1", "--wait"]);
+    assert!(
+        cp.kubectl().args(["-n", ns, "get", "pdb/ray-operator"]).output().unwrap().stdout.is_empty(),
+        "no PDB for one replica"
+    );
+    cp_kubectl_ok(&cp, &["-n", ns, "get", "role/ray-operator-role", "rolebinding/ray-operator-rolebinding"]);
+    let ns_kc = service_account_kubeconfig(&cp, ns, tmp.path());
+    let ops = replicas_for_pods(&client, &cp, ns, &ns_kc).await;
+    assert_eq!(ops.len(), 1);
+    let mut rc: Value = serde_yaml::from_str(&read("deploy/example_cluster2.yaml")).unwrap();
+    rc["metadata"]["name"] = json!("helm-ns");
+    let path = tmp.path().join("helm-ns.json");
+    std::fs::write(&path, rc.to_string()).unwrap();
+    cp_kubectl_ok(&cp, &["-n", ns, "apply", "-f", path.to_str().unwrap()]);
+    wait_running(&client, ns, &["helm-ns".to_string()]).await;
+    assert_eq!(ray_children(&client, &cp, ns).await.len(), 3, "head, worker, Service");
+    let (name, op) = ops.iter().next().unwrap();
+    assert_eq!(lease_holder(&client, ns).await.as_deref(), Some(name.as_str()));
+    let logs = op.logs();
+    for bad in ["forbidden", "Forbidden"] {
+        assert!(!logs.contains(bad), "the namespaced Role is not enough:\n{logs}");
+    }
+    // The scope is the release namespace only: team-a's clusters are not this replica's.
+    assert!(!logs.contains("helm-0:") && !logs.contains("helm-1:"), "namespaced replica saw team-a:\n{logs}");
+    drop(ops);
+    helm_ok(&["uninstall", "ray-operator", "-n", ns, "--wait"]);
 }
