@@ -116,7 +116,7 @@ enum Round {
 
 /// One round: read the Lease, then renew it, take it, or leave it.
 ///
-/// Every write carries the resourceVersion we read (`replace` with `metadata.resourceVersion`, or a
+/// Every write carries the resourceVersion we read (a patch with `metadata.resourceVersion`, or a
 /// `create` that fails if the Lease exists), so the API server, not a read-back, decides between
 /// two standbys taking an expired Lease at once: exactly one write succeeds, the other gets 409.
 /// A renew is conditional too: if anyone else wrote the Lease since we read it, we do not
@@ -165,12 +165,36 @@ async fn round(leases: &Api<Lease>, cfg: &LeaderConfig, may_take: bool) -> Resul
     }
     spec.renew_time = Some(now);
     spec.lease_duration_seconds = Some(ttl);
-    // `lease.metadata.resource_version` is the one we read: the precondition.
-    match leases.replace(&cfg.lease_name, &PostParams::default(), &lease).await {
+    match conditional_write(leases, cfg, &lease).await {
         Ok(l) => Ok(Round::Held(l)),
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(Round::Raced),
         Err(e) => Err(e),
     }
+}
+
+/// Writes `lease`'s spec if the Lease is still at `lease`'s resourceVersion (409 otherwise).
+///
+/// A merge patch that carries `metadata.resourceVersion` is checked by the API server exactly like
+/// an update with that precondition; a patch (not an update) keeps the RBAC at `patch` on the one
+/// Lease, as the install docs list it.
+async fn conditional_write(leases: &Api<Lease>, cfg: &LeaderConfig, lease: &Lease) -> Result<Lease, kube::Error> {
+    let Some(rv) = lease.metadata.resource_version.clone() else {
+        return Err(kube::Error::Api(Box::new(kube::core::Status::failure(
+            "lease without resourceVersion",
+            "Invalid",
+        ))));
+    };
+    let spec = serde_json::to_value(lease.spec.clone().unwrap_or_default()).map_err(kube::Error::SerdeError)?;
+    let mut spec = match spec {
+        serde_json::Value::Object(m) => m,
+        _ => serde_json::Map::new(),
+    };
+    // Absent fields must be cleared, not left as they were (a release clears the holder).
+    for field in ["holderIdentity", "acquireTime", "renewTime"] {
+        spec.entry(field).or_insert(serde_json::Value::Null);
+    }
+    let patch = serde_json::json!({ "metadata": { "resourceVersion": rv }, "spec": spec });
+    leases.patch(&cfg.lease_name, &PatchParams::default(), &Patch::Merge(&patch)).await
 }
 
 /// Runs the election until `shutdown`; publishes leadership on `leading` and keeps `fence` current.
@@ -330,7 +354,7 @@ async fn release_with(leases: &Api<Lease>, cfg: &LeaderConfig) {
             spec.holder_identity = None;
             spec.renew_time = Some(now_micro());
             spec.lease_duration_seconds = Some(1);
-            match leases.replace(&cfg.lease_name, &PostParams::default(), &lease).await {
+            match conditional_write(leases, cfg, &lease).await {
                 Ok(_) => return Ok(true),
                 Err(kube::Error::Api(s)) if s.code == 409 => continue,
                 Err(e) => return Err(e),
