@@ -106,8 +106,8 @@ fn now_micro() -> MicroTime {
 
 /// What one round of the election found.
 enum Round {
-    /// We hold the Lease: it was renewed or taken by this round's write.
-    Held(Lease),
+    /// We hold the Lease: it was renewed or taken by this round's write (its holder as written).
+    Held(String),
     /// Someone else holds it (or we may not take it); look again after `wait`.
     Other { holder: String, wait: Duration },
     /// Our write lost a race (409): read again at once.
@@ -140,7 +140,7 @@ async fn round(leases: &Api<Lease>, cfg: &LeaderConfig, may_take: bool) -> Resul
             }),
         };
         return match leases.create(&PostParams::default(), &lease).await {
-            Ok(l) => Ok(Round::Held(l)),
+            Ok(l) => Ok(Round::Held(holder(&l))),
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(Round::Raced),
             Err(e) => Err(e),
         };
@@ -166,7 +166,7 @@ async fn round(leases: &Api<Lease>, cfg: &LeaderConfig, may_take: bool) -> Resul
     spec.renew_time = Some(now);
     spec.lease_duration_seconds = Some(ttl);
     match conditional_write(leases, cfg, &lease).await {
-        Ok(l) => Ok(Round::Held(l)),
+        Ok(l) => Ok(Round::Held(holder(&l))),
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(Round::Raced),
         Err(e) => Err(e),
     }
@@ -237,7 +237,7 @@ pub async fn run(
         let result = tokio::time::timeout(cfg.renew_every.min(window), round(&leases, &cfg, may_take)).await;
         let mut wait = cfg.renew_every;
         match result {
-            Ok(Ok(Round::Held(lease))) => {
+            Ok(Ok(Round::Held(h))) => {
                 if !was_leading {
                     info!(
                         "leadership acquired: {} -> {} (lease {}/{})",
@@ -248,7 +248,7 @@ pub async fn run(
                     );
                 }
                 fence.renewed(started, window);
-                last_holder = holder(&lease);
+                last_holder = h;
                 let _ = leading.send_if_modified(|l| !std::mem::replace(l, true));
             }
             Ok(Ok(Round::Other { holder: h, wait: w })) => {

@@ -249,10 +249,10 @@ pub fn token_kubeconfig(base: &Path, token: &str, dir: &Path) -> std::path::Path
 pub fn component_pid(cp_dir: &Path, name: &str) -> i32 {
     let pids = std::fs::read_to_string(cp_dir.join("pids")).unwrap();
     pids.lines()
+        .rev()
         .filter_map(|l| l.split_once(' '))
         .filter(|(_, n)| *n == name)
-        .filter_map(|(p, _)| p.parse().ok())
-        .last()
+        .find_map(|(p, _)| p.parse().ok())
         .unwrap_or_else(|| panic!("no {name} in {}/pids", cp_dir.display()))
 }
 
