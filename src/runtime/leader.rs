@@ -233,8 +233,13 @@ pub async fn run(
         }
         warned_ineligible = !may_take;
         let started = Instant::now();
-        // A renew that hangs must not keep us "leader": bound it by the time the fence has left.
-        let result = tokio::time::timeout(cfg.renew_every.min(window), round(&leases, &cfg, may_take)).await;
+        // A renew that hangs must not keep us "leader": a leader's round may take the time its
+        // fence has left (a slow API server then costs no hand-over), a standby's a renew period.
+        let limit = match fence.deadline() {
+            Some(t) if was_leading => t.saturating_duration_since(started).max(Duration::from_millis(50)),
+            _ => cfg.renew_every.min(window),
+        };
+        let result = tokio::time::timeout(limit, round(&leases, &cfg, may_take)).await;
         let mut wait = cfg.renew_every;
         match result {
             Ok(Ok(Round::Held(h))) => {

@@ -298,3 +298,20 @@ async fn run<K>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::utils::Backoff;
+
+    #[test]
+    fn watch_retries_start_at_100ms_stay_under_1_25s_and_reset() {
+        let mut b = WatchBackoff::default();
+        let delays: Vec<Duration> = (0..10).map(|_| b.next().unwrap()).collect();
+        assert!(delays[0] >= Duration::from_millis(100) && delays[0] <= Duration::from_millis(125), "{delays:?}");
+        assert!(delays.iter().all(|d| *d <= Duration::from_millis(1250)), "capped near 1 s: {delays:?}");
+        assert!(delays[9] >= Duration::from_secs(1), "grows to 1 s: {delays:?}");
+        b.reset();
+        assert!(b.next().unwrap() <= Duration::from_millis(125), "reset by an event");
+    }
+}
