@@ -72,6 +72,54 @@ async fn a_woken_standby_acts_on_a_fresh_view_20_times() {
     );
 }
 
+/// A standby silently cut off from the API server (its open connections hear nothing more, as
+/// behind a dead NAT entry) while the leader works, then the leader dies. The standby wins the
+/// Lease over a new connection while its watch streams are still stalled: it must list afresh
+/// (over new connections) and act on what happened while it was cut off. Acting on its stalled
+/// view it would not know the cluster created meanwhile, nor the later scale-up.
+#[tokio::test]
+async fn a_partitioned_standby_catches_up_before_acting() {
+    install_crd();
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "fo-cut").await;
+    let kc = control_plane().kubeconfig.clone();
+    let args = ["--namespaces", &ns.name, "--lease-ttl", "2", "--lease-renew", "0.5"];
+    let a = replica_with(&kc, &ns.name, "op-a", &args);
+    a.wait_ready().await;
+    assert_eq!(wait_leader(&client, &ns.name, None, Duration::from_secs(20)).await, "op-a");
+    let b = replica_with(&kc, &ns.name, "op-b", &args);
+    b.wait_ready().await;
+    // Let its watches settle on their connections.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let cut = Partition::cut(b.pid(), api_port(&kc));
+    assert!(cut.connections() >= 3, "op-b's watches have connections to cut ({})", cut.connections());
+    put_cluster(&client, &ns.name, "cut", 5, "ray:1").await;
+    wait_until(Duration::from_secs(20), "op-a creates cut's 6 pods", || async {
+        (counts(&client, &ns.name, "cut").await == (1, 5)).then_some(())
+    })
+    .await;
+    a.signal("KILL");
+    let t0 = Instant::now();
+    wait_until(Duration::from_secs(30), "op-b takes the Lease", || async {
+        (holder(&client, &ns.name).await.as_deref() == Some("op-b")).then_some(())
+    })
+    .await;
+    eprintln!("partitioned standby: SIGKILL of the leader -> op-b holds the Lease in {:?}", t0.elapsed());
+    // Work after the hand-over: the cut-off standby must see it through fresh watches.
+    put_cluster(&client, &ns.name, "cut", 6, "ray:1").await;
+    put_cluster(&client, &ns.name, "after", 1, "ray:1").await;
+    assert_exact(
+        &client,
+        &ns.name,
+        &BTreeMap::from([("cut".to_string(), 6), ("after".to_string(), 1)]),
+        Duration::from_secs(20),
+        Duration::from_secs(1),
+    )
+    .await;
+    assert!(b.logs().contains("caches listed afresh"), "op-b relisted before acting");
+    drop(cut);
+}
+
 /// Three replicas; the leader is SIGKILLed three times while clusters are created and scaled. In
 /// the audit log, the cluster writes (pods, Services, RayClusters) come from one replica at a time:
 /// each run of writes by one replica falls in one of its terms as the Lease holder, in the order

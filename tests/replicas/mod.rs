@@ -261,3 +261,55 @@ pub fn signal_group(pgid: i32, sig: &str) {
     let ok = std::process::Command::new("kill").args([&format!("-{sig}"), "--", &format!("-{pgid}")]).status().unwrap();
     assert!(ok.success(), "kill -{sig} -- -{pgid}");
 }
+
+/// The API server's port, from a kubeconfig's `server: https://127.0.0.1:<port>`.
+pub fn api_port(kubeconfig: &Path) -> u16 {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
+    let server = kc.clusters[0].cluster.as_ref().and_then(|c| c.server.clone()).expect("server");
+    server.rsplit(':').next().and_then(|p| p.trim_end_matches('/').parse().ok()).expect("port in the server URL")
+}
+
+/// A silent network partition of one process from the API server: every TCP connection it has
+/// open to the API server at the time of the cut stops receiving anything (an iptables DROP of
+/// that connection's packets on loopback, nothing else), as a dead NAT entry or a half-broken
+/// link would do: no reset, no end of stream, the process just hears nothing more. Connections
+/// it opens later are not affected. Removed on drop.
+pub struct Partition {
+    rules: Vec<Vec<String>>,
+}
+
+impl Partition {
+    pub fn cut(pid: i32, api_port: u16) -> Self {
+        let out = std::process::Command::new("ss")
+            .args(["-tnpH", "state", "established", &format!("( dport = :{api_port} )")])
+            .output()
+            .expect("run ss");
+        assert!(out.status.success(), "ss: {}", String::from_utf8_lossy(&out.stderr));
+        let mut rules = Vec::new();
+        for line in String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains(&format!("pid={pid},"))) {
+            // Recv-Q Send-Q Local:Port Peer:Port Process
+            let Some(local) = line.split_whitespace().nth(2) else { continue };
+            let Some(port) = local.rsplit(':').next() else { continue };
+            let rule: Vec<String> =
+                ["INPUT", "-i", "lo", "-p", "tcp", "--sport", &api_port.to_string(), "--dport", port, "-j", "DROP"]
+                    .map(String::from)
+                    .to_vec();
+            let ok = std::process::Command::new("iptables").arg("-w").arg("-I").args(&rule).status().unwrap();
+            assert!(ok.success(), "iptables -I {rule:?}");
+            rules.push(rule);
+        }
+        Self { rules }
+    }
+
+    pub fn connections(&self) -> usize {
+        self.rules.len()
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        for rule in &self.rules {
+            let _ = std::process::Command::new("iptables").arg("-w").arg("-D").args(rule).status();
+        }
+    }
+}
