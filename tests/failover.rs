@@ -177,8 +177,10 @@ async fn three_replicas_write_one_at_a_time() {
     let writes = cluster_writes(&log, &[&ns.name]);
     let leases = lease_writes(&log, &ns.name);
     let runs = writer_runs(&writes);
+    // Standbys racing for the expired Lease: the losers' conditional writes are refused.
+    let lost_races = log.iter().filter(|a| a.resource == "leases" && a.namespace == ns.name && a.code == 409).count();
     eprintln!(
-        "three replicas, 3 SIGKILLs: {} cluster writes, {} Lease writes; writers in order: {runs:?}; leaders: {leaders:?}",
+        "three replicas, 3 SIGKILLs: {} cluster writes, {} Lease writes ({lost_races} refused with 409); writers in order: {runs:?}; leaders: {leaders:?}",
         writes.len(),
         leases.len()
     );

@@ -1,6 +1,10 @@
 //! The operator process: watches (always, so standbys keep warm caches), leader election, shards
 //! (only on the leader), the health server, and shutdown.
 //!
+//! Winning the Lease does not start the shards at once: every watch first lists afresh, and the
+//! shards start once all have (see `catch_up`), so a replica that was frozen or cut off while
+//! another led never acts on its old view. Signals and leadership changes are answered meanwhile.
+//!
 //! SIGTERM: readiness goes false, shards finish their in-flight reconcile and stop, the Lease is
 //! released, and the process exits — well inside the pod's grace period. A second signal exits at once.
 
