@@ -229,7 +229,9 @@ pub async fn run(
             release_with(&leases, &cfg).await;
         }
         if !may_take && !warned_ineligible {
-            info!("not taking the lease until every watch has listed and none is forbidden");
+            // Normal at start-up (the first lists are under way); a missing permission is
+            // reported by the watch itself.
+            debug!("not taking the lease until every watch has listed and is permitted");
         }
         warned_ineligible = !may_take;
         let started = Instant::now();
