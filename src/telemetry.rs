@@ -1,5 +1,5 @@
 //! Logging: `tracing` to stdout, text by default (`--log-format json` for JSON), level from `RUST_LOG`
-//! (default `info,kube=warn,kube_leader_election=warn`: the crate logs every poll).
+//! (default `info,kube=warn`).
 //!
 //! Text lines begin with the message itself, so a line about a cluster begins `<cluster-name>: ` and
 //! `kubectl logs ... | grep ^example-cluster2:` finds exactly that cluster's lines; the level and time
@@ -46,10 +46,9 @@ where
 }
 
 /// Installs the global subscriber (once; later calls are ignored) and bridges the `log` crate
-/// (kube-leader-election logs through it).
+/// (for dependencies that log through it).
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,kube=warn,kube_leader_election=warn"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,kube=warn"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
     // try_init also installs the `log` → `tracing` bridge (tracing-subscriber's tracing-log feature).
     let _ = match format {

@@ -1,6 +1,6 @@
-//! Leader election on a `coordination.k8s.io` Lease (kube-leader-election), with self-fencing.
+//! Leader election on a `coordination.k8s.io` Lease, with self-fencing.
 //!
-//! The crate renews and steps down; it does no fencing. We keep the monotonic time of the last
+//! Every Lease write is conditional on the resourceVersion read (see [`round`]). We keep the monotonic time of the last
 //! successful renew in a [`Fence`], and every write the operator makes asks the fence first: once
 //! the renew is older than the ttl minus a margin, writes are refused, even if the renew call is
 //! hanging or the process was frozen (SIGSTOP) and has just resumed. A leader that lost the Lease
@@ -12,11 +12,13 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::coordination::v1::LeaseSpec;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{ListParams, Patch, PatchParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use kube::{Api, Client};
-use kube_leader_election::{LeaseLock, LeaseLockParams, LeaseLockResult};
 use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
@@ -98,40 +100,152 @@ fn holder(lease: &Lease) -> String {
     lease.spec.as_ref().and_then(|s| s.holder_identity.clone()).unwrap_or_default()
 }
 
+fn now_micro() -> MicroTime {
+    MicroTime(Timestamp::now())
+}
+
+/// What one round of the election found.
+enum Round {
+    /// We hold the Lease: it was renewed or taken by this round's write (its holder as written).
+    Held(String),
+    /// Someone else holds it (or we may not take it); look again after `wait`.
+    Other { holder: String, wait: Duration },
+    /// Our write lost a race (409): read again at once.
+    Raced,
+}
+
+/// One round: read the Lease, then renew it, take it, or leave it.
+///
+/// Every write carries the resourceVersion we read (a patch with `metadata.resourceVersion`, or a
+/// `create` that fails if the Lease exists), so the API server, not a read-back, decides between
+/// two standbys taking an expired Lease at once: exactly one write succeeds, the other gets 409.
+/// A renew is conditional too: if anyone else wrote the Lease since we read it, we do not
+/// overwrite them but read again.
+async fn round(leases: &Api<Lease>, cfg: &LeaderConfig, may_take: bool) -> Result<Round, kube::Error> {
+    let ttl = i32::try_from(cfg.ttl.as_secs().max(1)).unwrap_or(i32::MAX);
+    let Some(mut lease) = leases.get_opt(&cfg.lease_name).await? else {
+        if !may_take {
+            return Ok(Round::Other { holder: String::new(), wait: cfg.renew_every });
+        }
+        let now = now_micro();
+        let lease = Lease {
+            metadata: ObjectMeta { name: Some(cfg.lease_name.clone()), ..Default::default() },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(cfg.identity.clone()),
+                acquire_time: Some(now.clone()),
+                renew_time: Some(now),
+                lease_duration_seconds: Some(ttl),
+                lease_transitions: Some(0),
+                ..Default::default()
+            }),
+        };
+        return match leases.create(&PostParams::default(), &lease).await {
+            Ok(l) => Ok(Round::Held(holder(&l))),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(Round::Raced),
+            Err(e) => Err(e),
+        };
+    };
+    let current = holder(&lease);
+    let ours = current == cfg.identity;
+    let free = current.is_empty() || until_expiry(&lease).is_none_or(|d| d.is_zero());
+    if !ours && !free {
+        let wait = until_expiry(&lease).map_or(cfg.renew_every, |d| d.min(cfg.renew_every));
+        return Ok(Round::Other { holder: current, wait });
+    }
+    if !may_take {
+        // Not even our own Lease is renewed: the caller has just released it (or will).
+        return Ok(Round::Other { holder: current, wait: cfg.renew_every });
+    }
+    let now = now_micro();
+    let spec = lease.spec.get_or_insert_with(Default::default);
+    if !ours {
+        spec.holder_identity = Some(cfg.identity.clone());
+        spec.acquire_time = Some(now.clone());
+        spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0).saturating_add(1));
+    }
+    spec.renew_time = Some(now);
+    spec.lease_duration_seconds = Some(ttl);
+    match conditional_write(leases, cfg, &lease).await {
+        Ok(l) => Ok(Round::Held(holder(&l))),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(Round::Raced),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes `lease`'s spec if the Lease is still at `lease`'s resourceVersion (409 otherwise).
+///
+/// A merge patch that carries `metadata.resourceVersion` is checked by the API server exactly like
+/// an update with that precondition; a patch (not an update) keeps the RBAC at `patch` on the one
+/// Lease, as the install docs list it.
+async fn conditional_write(leases: &Api<Lease>, cfg: &LeaderConfig, lease: &Lease) -> Result<Lease, kube::Error> {
+    let Some(rv) = lease.metadata.resource_version.clone() else {
+        return Err(kube::Error::Api(Box::new(kube::core::Status::failure(
+            "lease without resourceVersion",
+            "Invalid",
+        ))));
+    };
+    let spec = serde_json::to_value(lease.spec.clone().unwrap_or_default()).map_err(kube::Error::SerdeError)?;
+    let mut spec = match spec {
+        serde_json::Value::Object(m) => m,
+        _ => serde_json::Map::new(),
+    };
+    // Absent fields must be cleared, not left as they were (a release clears the holder).
+    for field in ["holderIdentity", "acquireTime", "renewTime"] {
+        spec.entry(field).or_insert(serde_json::Value::Null);
+    }
+    let patch = serde_json::json!({ "metadata": { "resourceVersion": rv }, "spec": spec });
+    leases.patch(&cfg.lease_name, &PatchParams::default(), &Patch::Merge(&patch)).await
+}
+
 /// Runs the election until `shutdown`; publishes leadership on `leading` and keeps `fence` current.
+///
+/// `eligible` says whether this replica may lead: its watches have listed and none is forbidden.
+/// A replica that cannot see its resources must not take the Lease (it would hold it and do
+/// nothing, or act blind), and a leader that loses that ability gives the Lease up.
 /// On shutdown the caller stops its work first, then calls [`release`].
 pub async fn run(
     client: Client,
     cfg: LeaderConfig,
     fence: Arc<Fence>,
     leading: watch::Sender<bool>,
+    eligible: Arc<dyn Fn() -> bool + Send + Sync>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let lock = LeaseLock::new(
-        client.clone(),
-        &cfg.namespace,
-        LeaseLockParams { lease_name: cfg.lease_name.clone(), holder_id: cfg.identity.clone(), lease_ttl: cfg.ttl },
-    );
     let leases: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
     let (changed, watch_task) = watch_lease(leases.clone(), &cfg.lease_name);
     let window = cfg.ttl.saturating_sub(cfg.margin());
     let mut last_holder = String::new();
+    let mut warned_ineligible = false;
     loop {
         if *shutdown.borrow() {
             break;
         }
-        let started = Instant::now();
         let was_leading = *leading.borrow();
-        // A renew that hangs must not keep us "leader": bound it by the time the fence has left.
-        let result = tokio::time::timeout(cfg.renew_every.min(window), lock.try_acquire_or_renew()).await;
+        let may_take = eligible();
+        if !may_take && was_leading {
+            fence.revoke();
+            let _ = leading.send(false);
+            warn!("leadership given up: this replica's watches are failing (see above); releasing the lease");
+            release_with(&leases, &cfg).await;
+        }
+        if !may_take && !warned_ineligible {
+            // Normal at start-up (the first lists are under way); a missing permission is
+            // reported by the watch itself.
+            debug!("not taking the lease until every watch has listed and is permitted");
+        }
+        warned_ineligible = !may_take;
+        let started = Instant::now();
+        // A renew that hangs must not keep us "leader": a leader's round may take the time its
+        // fence has left (a slow API server then costs no hand-over), a standby's a renew period.
+        let limit = match fence.deadline() {
+            Some(t) if was_leading => t.saturating_duration_since(started).max(Duration::from_millis(50)),
+            _ => cfg.renew_every.min(window),
+        };
+        let result = tokio::time::timeout(limit, round(&leases, &cfg, may_take)).await;
         let mut wait = cfg.renew_every;
         match result {
-            Ok(Ok(LeaseLockResult::Acquired(lease))) => {
+            Ok(Ok(Round::Held(h))) => {
                 if !was_leading {
-                    if !still_ours(&leases, &cfg).await {
-                        debug!("lease acquisition raced with another replica; staying standby");
-                        continue;
-                    }
                     info!(
                         "leadership acquired: {} -> {} (lease {}/{})",
                         if last_holder.is_empty() { "<none>" } else { &last_holder },
@@ -141,35 +255,29 @@ pub async fn run(
                     );
                 }
                 fence.renewed(started, window);
-                last_holder = holder(&lease);
+                last_holder = h;
                 let _ = leading.send_if_modified(|l| !std::mem::replace(l, true));
             }
-            Ok(Ok(LeaseLockResult::NotAcquired(lease))) => {
-                let h = holder(&lease);
-                if was_leading {
+            Ok(Ok(Round::Other { holder: h, wait: w })) => {
+                if was_leading && may_take {
                     fence.revoke();
                     let _ = leading.send(false);
                     warn!("leadership lost: {} -> {h}", cfg.identity);
                 } else if h != last_holder {
                     info!("leader is {}", if h.is_empty() { "<none> (released)" } else { &h });
                 }
-                last_holder = h.clone();
-                if h.is_empty() && try_take_released(&leases, &lease, &cfg).await {
-                    // Released by a graceful leader: take it now instead of waiting out its 1 s ttl.
-                    continue;
-                }
-                wait = until_expiry(&lease).map_or(cfg.renew_every, |d| d.min(cfg.renew_every));
+                last_holder = h;
+                wait = w;
+            }
+            Ok(Ok(Round::Raced)) => {
+                // Someone wrote the Lease between our read and our write: read again soon. Our
+                // fence (if any) still runs out on its own deadline.
+                debug!("lease changed under us; reading it again");
+                wait = Duration::from_millis(20);
             }
             Ok(Err(e)) => {
-                let msg = e.to_string();
-                // Two replicas creating the Lease at once: the loser just reads it next time.
-                if msg.contains("AlreadyExists") || msg.contains("Conflict") {
-                    debug!("lease race: {msg}");
-                    wait = Duration::from_millis(50);
-                } else {
-                    warn!("lease renew failed: {e}");
-                    wait = Duration::from_millis(500);
-                }
+                warn!("lease renew failed: {e}");
+                wait = Duration::from_millis(500);
             }
             Err(_) => {
                 warn!("lease renew timed out");
@@ -216,59 +324,54 @@ fn watch_lease(leases: Api<Lease>, name: &str) -> (Arc<Notify>, tokio::task::Joi
     (changed, task)
 }
 
-/// kube-leader-election acquires with an unconditional patch, so two standbys can both "win" an
-/// expired Lease. The last patch wins at the server; read it back after a moment and only lead
-/// if it is still ours.
-async fn still_ours(leases: &Api<Lease>, cfg: &LeaderConfig) -> bool {
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    matches!(leases.get(&cfg.lease_name).await, Ok(l) if holder(&l) == cfg.identity)
-}
-
-/// Time until the Lease expires, per its own renewTime and duration.
+/// Time until the Lease expires, per its own renewTime and duration (zero if it has).
+///
+/// This compares the holder's renewTime with our wall clock, as client-go's and
+/// kube-leader-election's elections do: replicas run on nodes with synchronised clocks, and a
+/// skew smaller than the fence margin (ttl/5, at least 1 s) cannot let two leaders act at once,
+/// because the old leader stops writing that long before the Lease could expire.
 fn until_expiry(lease: &Lease) -> Option<Duration> {
     let spec = lease.spec.as_ref()?;
     let renew = spec.renew_time.as_ref()?.0;
     let ttl = spec.lease_duration_seconds?;
     let expiry = renew.checked_add(k8s_openapi::jiff::SignedDuration::from_secs(i64::from(ttl))).ok()?;
-    let left = expiry.duration_since(k8s_openapi::jiff::Timestamp::now());
-    let ms = left.as_millis().max(0) as u64;
-    Some(Duration::from_millis(ms + 50))
-}
-
-/// Takes a Lease released by `step_down` (empty holder), guarded by its resourceVersion so exactly
-/// one standby wins.
-async fn try_take_released(leases: &Api<Lease>, lease: &Lease, cfg: &LeaderConfig) -> bool {
-    let Some(rv) = lease.metadata.resource_version.clone() else { return false };
-    let now = k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string();
-    let transitions = lease.spec.as_ref().and_then(|s| s.lease_transitions).unwrap_or(0);
-    let patch = serde_json::json!({
-        "metadata": { "resourceVersion": rv },
-        "spec": {
-            "holderIdentity": cfg.identity,
-            "acquireTime": now,
-            "renewTime": now,
-            "leaseDurationSeconds": cfg.ttl.as_secs(),
-            "leaseTransitions": transitions + 1,
-        }
-    });
-    match leases.patch(&cfg.lease_name, &PatchParams::default(), &Patch::Merge(&patch)).await {
-        Ok(_) => true,
-        Err(e) => {
-            debug!("taking the released lease failed (another replica was faster?): {e}");
-            false
-        }
+    let left = expiry.duration_since(Timestamp::now());
+    if left.is_negative() {
+        return Some(Duration::ZERO);
     }
+    Some(Duration::from_millis(left.as_millis().max(0) as u64 + 50))
 }
 
 /// Gives the Lease up (graceful shutdown), so a standby takes over at once.
 pub async fn release(client: Client, cfg: &LeaderConfig) {
-    let lock = LeaseLock::new(
-        client,
-        &cfg.namespace,
-        LeaseLockParams { lease_name: cfg.lease_name.clone(), holder_id: cfg.identity.clone(), lease_ttl: cfg.ttl },
-    );
-    match tokio::time::timeout(Duration::from_secs(3), lock.step_down()).await {
-        Ok(Ok(())) => info!("leadership released: {} -> <none>", cfg.identity),
+    let leases: Api<Lease> = Api::namespaced(client, &cfg.namespace);
+    release_with(&leases, cfg).await;
+}
+
+/// Clears the holder if it is still us, conditionally on the version read: a Lease another
+/// replica has taken meanwhile is left alone.
+async fn release_with(leases: &Api<Lease>, cfg: &LeaderConfig) {
+    let attempt = async {
+        for _ in 0..3 {
+            let Some(mut lease) = leases.get_opt(&cfg.lease_name).await? else { return Ok(false) };
+            if holder(&lease) != cfg.identity {
+                return Ok(false);
+            }
+            let spec = lease.spec.get_or_insert_with(Default::default);
+            spec.holder_identity = None;
+            spec.renew_time = Some(now_micro());
+            spec.lease_duration_seconds = Some(1);
+            match conditional_write(leases, cfg, &lease).await {
+                Ok(_) => return Ok(true),
+                Err(kube::Error::Api(s)) if s.code == 409 => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(false)
+    };
+    match tokio::time::timeout(Duration::from_secs(3), attempt).await {
+        Ok(Ok(true)) => info!("leadership released: {} -> <none>", cfg.identity),
+        Ok(Ok(false)) => debug!("lease not released: not ours"),
         Ok(Err(e)) => debug!("lease not released: {e}"),
         Err(_) => warn!("lease release timed out"),
     }

@@ -1,6 +1,10 @@
 //! The operator process: watches (always, so standbys keep warm caches), leader election, shards
 //! (only on the leader), the health server, and shutdown.
 //!
+//! Winning the Lease does not start the shards at once: every watch first lists afresh, and the
+//! shards start once all have (see `catch_up`), so a replica that was frozen or cut off while
+//! another led never acts on its old view. Signals and leadership changes are answered meanwhile.
+//!
 //! SIGTERM: readiness goes false, shards finish their in-flight reconcile and stop, the Lease is
 //! released, and the process exits — well inside the pod's grace period. A second signal exits at once.
 
@@ -66,10 +70,13 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         None => Fence::always(),
     });
     let (leading_tx, mut leading_rx) = tokio_watch::channel(settings.leader.is_none());
-    let election = settings
-        .leader
-        .clone()
-        .map(|cfg| tokio::spawn(leader::run(client.clone(), cfg, fence.clone(), leading_tx, shutdown_rx.clone())));
+    let eligible: Arc<dyn Fn() -> bool + Send + Sync> = {
+        let w = watch_health.clone();
+        Arc::new(move || w.all_synced())
+    };
+    let election = settings.leader.clone().map(|cfg| {
+        tokio::spawn(leader::run(client.clone(), cfg, fence.clone(), leading_tx, eligible, shutdown_rx.clone()))
+    });
 
     let ctx = context(&client, &cache, &metrics, fence.clone(), &settings);
 
@@ -78,10 +85,17 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     let mut signals = Signals::new()?;
     let mut election_alive = true;
     let mut shards: Option<Shards> = None;
+    // Between winning the Lease and acting, the caches catch up (see `catch_up`); the main loop
+    // keeps answering signals and leadership changes meanwhile.
+    let (caught_up_tx, mut caught_up_rx) = unbounded_channel::<u64>();
+    let mut term = 0u64;
+    let mut catching_up: Option<tokio::task::JoinHandle<()>> = None;
     let mut leading = *leading_rx.borrow();
     metrics.set_leader(leading);
     if leading {
-        shards = Some(become_leader(&ctx, &settings, &client, &watch_health).await);
+        // No election: the first list of every watch is fresh; wait for it, no relist needed.
+        term += 1;
+        catching_up = Some(catch_up(watch_health.clone(), false, term, caught_up_tx.clone()));
     }
     loop {
         tokio::select! {
@@ -104,12 +118,23 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
                 if now == leading { continue; }
                 leading = now;
                 metrics.set_leader(leading);
+                if let Some(t) = catching_up.take() {
+                    t.abort();
+                }
                 if leading {
-                    shards = Some(become_leader(&ctx, &settings, &client, &watch_health).await);
+                    term += 1;
+                    catching_up = Some(catch_up(watch_health.clone(), true, term, caught_up_tx.clone()));
                 } else if let Some(s) = shards.take() {
                     // Lost or fenced: stop at once; the next leader rebuilds from the API server.
                     s.abort();
                     info!("standing by; all shards dropped");
+                }
+            }
+            Some(t) = caught_up_rx.recv() => {
+                // Only the catch-up of the current term counts: an older one may finish late.
+                if t == term && leading && shards.is_none() {
+                    catching_up = None;
+                    shards = Some(become_leader(&ctx, &settings, &client));
                 }
             }
             _ = signals.recv() => {
@@ -117,6 +142,9 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
                 break;
             }
         }
+    }
+    if let Some(t) = catching_up.take() {
+        t.abort();
     }
 
     shutting_down.store(true, Ordering::SeqCst);
@@ -174,21 +202,36 @@ fn context(
     })
 }
 
-async fn become_leader(
-    ctx: &Arc<Context>,
-    settings: &Settings,
-    client: &Client,
-    watches: &watch::WatchHealth,
-) -> Shards {
-    // A leader acting on a half-filled cache would create pods that already exist.
-    let mut waited = 0u32;
-    while !watches.all_synced() {
-        if waited.is_multiple_of(100) && waited > 0 {
-            info!("leader waiting for caches to sync");
+/// Waits until the caches may be acted on, then reports `term` on `done`.
+///
+/// `relist`: a new leader first makes every watch list afresh (see [`watch::WatchHealth::resync`]
+/// for why), so it never acts on the view of a replica that was frozen or cut off while another
+/// leader worked. The Lease is held meanwhile; that costs a hand-over one list per watched kind.
+fn catch_up(
+    watches: Arc<watch::WatchHealth>,
+    relist: bool,
+    term: u64,
+    done: tokio::sync::mpsc::UnboundedSender<u64>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let generation = if relist { watches.resync() } else { 0 };
+        let mut waited = 0u32;
+        while !watches.caught_up(generation) {
+            if waited.is_multiple_of(100) && waited > 0 {
+                info!("leader waiting for its caches to list afresh");
+            }
+            waited += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        waited += 1;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        if relist {
+            info!("caches listed afresh in {:.3}s; acting", started.elapsed().as_secs_f64());
+        }
+        let _ = done.send(term);
+    })
+}
+
+fn become_leader(ctx: &Arc<Context>, settings: &Settings, client: &Client) -> Shards {
     let s = Shards::start(ctx.clone(), settings.shards);
     // Every known cluster gets a pass: level-based, so anything already right causes no write.
     for k in ctx.cache.cluster_keys() {
