@@ -22,7 +22,7 @@ use support::*;
 const MEMORY_LIMIT_KIB: u64 = 256 * 1024;
 /// Clusters whose GCS answers every call just under the call timeout: more than the operator's
 /// 32 shared call slots, so without fairness they would hold every slot all the time.
-const SLOW_CLUSTERS: usize = 64;
+const SLOW_CLUSTERS: usize = 96;
 const SILENT_CLUSTERS: usize = 8;
 
 const DRIVER: &str = include_str!("fixtures/ray/demand_driver.py");

@@ -42,8 +42,11 @@ pub const SMALL_REPLY_BYTES: usize = 1 << 20;
 
 /// Most memory the decoded replies being decoded may take at once, all clients together, as
 /// estimated from their wire format before decoding ([`decoded_cost`]). Also the most one reply
-/// may take: a 10,000-node cluster's reply is estimated at about 55 MiB. A reply over it fails
-/// as [`RayError::TooLarge`] without being decoded.
+/// may take: the reply of a 10,000-node cluster (plus 1,000 dead nodes) of nodes like the measured
+/// ones is 7.4 MB and estimated at 83 MiB (`a_ten_thousand_node_cluster_fits_the_limits`), so
+/// about 12,000 such nodes fit. A reply over it fails as [`RayError::TooLarge`] without being
+/// decoded. Together with the replies being received (28 fast slots × 1 MiB, 4 slow × 16 MiB)
+/// this keeps GCS traffic under about 190 MiB of the operator's 256 Mi limit at worst.
 pub const DECODE_BUDGET_BYTES: usize = 96 << 20;
 
 /// The decode budget, in KiB (a semaphore counts permits as `u32` when acquiring many).
@@ -786,12 +789,15 @@ mod wire {
     use super::proto;
     use std::mem::size_of;
 
-    /// Memory of one map entry or repeated string beyond its bytes: the `String` (24), the value
-    /// and the hash table's control byte and spare capacity (a table is at most 7/8 full and
-    /// grows by doubling).
+    /// Memory of one map entry or repeated string beyond its bytes: the key and value `String`s
+    /// (24 each) in a B-tree node at least half full.
     const SLOT: usize = 64;
-    /// prost's structs with `Vec` slack (×2), plus our own copy of the state (×1).
-    const COPIES: usize = 3;
+    /// The first B-tree leaf of a non-empty map: 11 keys and values allocated at once, even for
+    /// one entry (11 × (24 + 24) plus the header, for `String` values). A map field of one tiny
+    /// entry (5 bytes on the wire) thus costs hundreds of bytes decoded.
+    const MAP_LEAF: usize = 560;
+    /// prost's structs and our own copy of the state ([`super::ClusterState::from_proto`]).
+    const COPIES: usize = 2;
 
     /// The fields of one message: `(field number, Some(bytes) for length-delimited)`.
     fn walk(mut b: &[u8], mut each: impl FnMut(u32, Option<&[u8]>) -> Option<()>) -> Option<()> {
@@ -818,11 +824,19 @@ mod wire {
     }
 
     fn node(b: &[u8]) -> Option<usize> {
-        let mut cost = size_of::<proto::NodeState>();
+        // The struct, and its slot's twin in the `Vec`'s spare capacity (it grows by doubling).
+        let mut cost = 2 * size_of::<proto::NodeState>();
+        let mut maps_seen = 0u32;
         walk(b, |field, payload| {
             cost += match (field, payload) {
-                // Maps (resources, labels) and the repeated `node_activity` strings.
-                (4 | 5 | 6 | 12 | 13, Some(p)) => SLOT + p.len(),
+                // Maps (resources, labels; fields this proto does not know, e.g. 6, prost skips).
+                (4 | 5 | 13, Some(p)) => {
+                    let first = maps_seen & (1 << field) == 0;
+                    maps_seen |= 1 << field;
+                    SLOT + p.len() + if first { MAP_LEAF } else { 0 }
+                }
+                // The repeated `node_activity` strings.
+                (12, Some(p)) => SLOT + p.len(),
                 (_, Some(p)) => p.len(),
                 _ => 0,
             };
@@ -840,7 +854,7 @@ mod wire {
             .max(size_of::<proto::ResourceRequestByCount>())
             .max(size_of::<proto::BundleSelector>())
             .max(size_of::<proto::AutoscalingState>())
-            .max(SLOT);
+            .max(MAP_LEAF);
         let mut cost = base;
         let ok = walk(b, |_, payload| {
             if let Some(p) = payload {
@@ -1275,6 +1289,63 @@ mod tests {
         client.known_nodes.insert("ab".repeat(28), false);
         let err = client.drain_node(&"ab".repeat(28), DrainReason::Preemption, "x", None).await.unwrap_err();
         assert!(matches!(err, RayError::HeadNode { .. }), "{err}");
+    }
+
+    fn reply_bytes(nodes: Vec<proto::NodeState>) -> Vec<u8> {
+        use prost::Message;
+        let state = proto::ClusterResourceState { node_states: nodes, ..Default::default() };
+        proto::GetClusterResourceStateReply { cluster_resource_state: Some(state) }.encode_to_vec()
+    }
+
+    /// A node as a real Ray 2.60 head reports it (6 resources, 6 labels, busy; 655 bytes).
+    fn realistic_node(i: usize) -> proto::NodeState {
+        let resources =
+            ["object_store_memory", "node:10.1.2.3", "memory", "custom_resource_1", "accelerator_type:A100", "CPU"];
+        let labels =
+            ["team", "ray.io/node-id", "ray.io/node-group", "ray.io/market-type", "ray.io/availability-zone", "rack"];
+        proto::NodeState {
+            node_id: vec![7; 28],
+            instance_id: format!("big-cluster-worker-gpu-{i}-abcde"),
+            ray_node_type_name: "gpu-worker".into(),
+            node_ip_address: "10.1.2.3".into(),
+            status: 1,
+            node_activity: vec!["Resource: CPU currently in use.".into(), "Busy workers on node.".into()],
+            total_resources: resources.iter().map(|k| (k.to_string(), 2.4e10)).collect(),
+            available_resources: resources.iter().map(|k| (k.to_string(), 8.0)).collect(),
+            labels: labels
+                .iter()
+                .zip(["ml-platform", &"fc".repeat(28), "gpu-worker", "spot", "us-west-2b", "r2"])
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_ten_thousand_node_cluster_fits_the_limits() {
+        // 10,000 live nodes and the 1,000 dead ones the GCS keeps.
+        let reply = reply_bytes((0..11_000).map(realistic_node).collect());
+        let cost = wire::state_reply_cost(&reply).unwrap();
+        eprintln!("11,000 nodes: {} bytes, estimated {} MiB decoded", reply.len(), cost >> 20);
+        assert!(reply.len() <= MAX_REPLY_BYTES, "{} bytes", reply.len());
+        assert!(cost <= DECODE_BUDGET_BYTES, "estimated {cost} bytes decoded");
+        // ... but not twice that many.
+        let reply = reply_bytes((0..22_000).map(realistic_node).collect());
+        assert!(wire::state_reply_cost(&reply).unwrap() > DECODE_BUDGET_BYTES);
+    }
+
+    #[test]
+    fn tiny_elements_are_costed_by_their_decoded_size() {
+        // 2-byte empty nodes: 1 MiB on the wire is half a million structs.
+        let empty = reply_bytes(vec![proto::NodeState::default(); 500_000]);
+        assert!(empty.len() <= SMALL_REPLY_BYTES);
+        let cost = wire::state_reply_cost(&empty).unwrap();
+        assert!(cost >= 500_000 * 2 * std::mem::size_of::<proto::NodeState>(), "{cost}");
+        // One-entry maps: a B-tree leaf each.
+        let one = proto::NodeState { total_resources: [("a".to_string(), 0.0)].into(), ..Default::default() };
+        let bytes = reply_bytes(vec![one; 1000]);
+        assert!(wire::state_reply_cost(&bytes).unwrap() >= 1000 * 560, "{bytes:?}");
+        assert_eq!(wire::state_reply_cost(&[0xff]), None, "not protobuf");
     }
 
     #[test]
