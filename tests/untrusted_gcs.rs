@@ -238,7 +238,7 @@ async fn hostile_gcs_replies_cost_bounded_memory_and_do_not_delay_a_healthy_neig
     .await;
 
     // The healthy neighbour: demand in its (real) GCS becomes a pod within 1 s, every trial.
-    for trial in 0..2 {
+    for trial in 0..3 {
         let name = format!("healthy-{trial}");
         rcs.create(&pp, &manifest(&name, &head)).await.unwrap();
         wait_until(Duration::from_secs(60), &format!("{name} healthy"), || async {
