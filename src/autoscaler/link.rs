@@ -190,8 +190,10 @@ async fn run(
         // operator's memory flat (each connection has its buffers) and spreads the polls out.
         let pool = if slow { &permits.slow } else { &permits.fast };
         let Ok(_permit) = pool.acquire().await else { return };
-        // The whole turn (poll, drains, report) holds the slot at most this long.
-        let deadline = started + timeout * 2;
+        // The whole turn (poll, drains, report) holds the slot at most this long. Timed from
+        // the slot, not from the wait for it: waiting behind others says nothing of this head.
+        let turn = Instant::now();
+        let deadline = turn + timeout * 2;
         if client.is_none() {
             match GcsClient::connect_lazy(&addr, timeout) {
                 Ok(c) => client = Some(c),
@@ -266,12 +268,12 @@ async fn run(
         drop(_permit);
         let big = client.as_ref().is_some_and(|c| c.last_reply_bytes() > SMALL_REPLY_BYTES / 4 * 3);
         let was_slow = slow;
-        slow = !ok || big || started.elapsed() > timeout / 2;
+        slow = !ok || big || turn.elapsed() > timeout / 2;
         if slow != was_slow {
             debug!(
                 "{prefix}: GCS at {addr}: {} pool (last turn {:?}, reply {} bytes, limit {} bytes)",
                 if slow { "slow" } else { "fast" },
-                started.elapsed(),
+                turn.elapsed(),
                 client.as_ref().map_or(0, |c| c.last_reply_bytes()),
                 if slow { MAX_REPLY_BYTES } else { SMALL_REPLY_BYTES }
             );
