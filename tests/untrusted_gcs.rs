@@ -186,7 +186,7 @@ async fn hostile_gcs_replies_cost_bounded_memory_and_do_not_delay_a_healthy_neig
     let client = client().await;
     let ns = TestNamespace::new(&client, "untrusted").await;
     let mut procs = Procs::new();
-    let modes = ["huge", "dense", "bomb", "slow", "silent"];
+    let modes = ["huge", "dense", "bomb", "tenk", "slow", "silent"];
     let ports = free_ports(modes.len() + 1);
     let servers: Vec<(&str, u16)> = modes.iter().copied().zip(ports.iter().copied()).collect();
     procs.fake_gcs(&grpc, &servers);
@@ -208,7 +208,7 @@ async fn hostile_gcs_replies_cost_bounded_memory_and_do_not_delay_a_healthy_neig
     );
     let rcs: Api<RayCluster> = Api::namespaced(client.clone(), &ns.name);
     let pp = PostParams::default();
-    for mode in ["huge", "dense", "bomb"] {
+    for mode in ["huge", "dense", "bomb", "tenk"] {
         rcs.create(&pp, &manifest(mode, &fake(mode))).await.unwrap();
     }
     for i in 0..SLOW_CLUSTERS {
@@ -229,6 +229,14 @@ async fn hostile_gcs_replies_cost_bounded_memory_and_do_not_delay_a_healthy_neig
         })
         .await;
     }
+    // A real 10,000-node cluster's state is accepted (through the slow pool, whose replies may be
+    // up to 16 MiB): the link is healthy, whatever the decision makes of nodes without pods.
+    let tenk = wait_until(Duration::from_secs(90), "tenk: a decision from its state", || async {
+        let c = condition(&client, &ns.name, "tenk").await?;
+        (c.1 == "GcsReachable" || c.1 == "DecisionFailed").then_some(c)
+    })
+    .await;
+    eprintln!("tenk (11,000 nodes, 7.4 MB): AutoscalerHealthy {tenk:?}");
     // Every slow cluster's link is polling.
     wait_until(Duration::from_secs(90), "all slow clusters reachable", || async {
         let logs = op.logs();
