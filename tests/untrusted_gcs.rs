@@ -2,8 +2,9 @@
 //! edit a RayCluster controls what its GCS answers. Fake GCS servers (grpcio, Ray's own protobufs,
 //! tests/fixtures/ray/fake_gcs.py) send a reply over the size limit, one under it that would
 //! decode into gigabytes, realistic nodes past the decode budget, answer slowly, or never; a
-//! healthy neighbour (a real Ray head) beside them must still get its demand as a pod within
-//! 1 s, and the operator's peak RSS must stay within its Deployment's memory limit.
+//! 10,000-node cluster's state must still be accepted, a healthy neighbour (a real Ray head)
+//! beside them must still get its demand as a pod within 1 s, and the operator's peak RSS must
+//! stay within its Deployment's memory limit.
 
 mod support;
 
