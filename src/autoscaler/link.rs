@@ -28,7 +28,8 @@ const REPORT_REFRESH: Duration = Duration::from_secs(30);
 /// What the link task and its handle share: the latest answers and the outgoing requests.
 #[derive(Default)]
 struct LinkState {
-    snapshot: Option<(ClusterState, Instant)>,
+    /// Shared with the passes that read it, never copied: a big cluster's state is large.
+    snapshot: Option<(Arc<ClusterState>, Instant)>,
     health: Option<LinkHealth>,
     /// The report waiting to be sent.
     report: Option<AutoscalingReport>,
@@ -41,12 +42,6 @@ struct LinkState {
 /// reports with equal content say the same thing to the GCS.
 fn content(r: &AutoscalingReport) -> AutoscalingReport {
     AutoscalingReport { cluster_state_version: 0, ..r.clone() }
-}
-
-/// The cluster state with the fields that change on every read cleared: the GCS increments
-/// `version` on each `GetClusterResourceState`, so comparing it would call every poll a change.
-fn state_content(s: &ClusterState) -> ClusterState {
-    ClusterState { version: 0, ..s.clone() }
 }
 
 /// The GCS call slots all links share, in two pools. A head that is slow, silent, failing or
@@ -110,7 +105,7 @@ impl RayLink {
     }
 
     /// The latest cluster state, if the GCS answered and the answer is fresh enough.
-    pub fn snapshot(&self, max_age: Duration) -> Option<ClusterState> {
+    pub fn snapshot(&self, max_age: Duration) -> Option<Arc<ClusterState>> {
         let s = self.lock();
         let healthy = s.health == Some(LinkHealth::Healthy);
         s.snapshot.as_ref().filter(|(_, at)| healthy && at.elapsed() <= max_age).map(|(st, _)| st.clone())
@@ -181,7 +176,6 @@ async fn run(
     let lock = || shared.lock().unwrap_or_else(|e| e.into_inner());
     let mut client: Option<GcsClient> = None;
     let mut failures = 0u32;
-    let mut last_state: Option<ClusterState> = None;
     // In the slow pool (see GcsSlots).
     let mut slow = false;
     loop {
@@ -207,20 +201,28 @@ async fn run(
             // per cluster, thousands of them) and allocates the call state only while it runs.
             metrics.gcs_call("GetClusterResourceState");
             match Box::pin(c.get_cluster_resource_state()).await {
-                Ok(state) => {
+                Ok(mut state) => {
                     ok = true;
-                    let now = state_content(&state);
-                    let changed = last_state.as_ref() != Some(&now);
-                    let restarted = last_state.as_ref().is_some_and(|l| l.session_name != now.session_name);
-                    last_state = Some(now);
-                    let was = {
+                    let (changed, was) = {
                         let mut s = lock();
+                        // Compared with the last state in place, without its version (the GCS
+                        // increments it on every read, so comparing it would call every poll a
+                        // change), and without copying either: a 10,000-node state is tens of MiB.
+                        let (changed, restarted) = match &s.snapshot {
+                            Some((old, _)) => {
+                                let version = std::mem::replace(&mut state.version, old.version);
+                                let changed = **old != state;
+                                state.version = version;
+                                (changed, old.session_name != state.session_name)
+                            }
+                            None => (true, false),
+                        };
                         if restarted {
                             // A new GCS knows nothing of our earlier reports.
                             s.sent = None;
                         }
-                        s.snapshot = Some((state, Instant::now()));
-                        s.health.replace(LinkHealth::Healthy)
+                        s.snapshot = Some((Arc::new(state), Instant::now()));
+                        (changed, s.health.replace(LinkHealth::Healthy))
                     };
                     if was != Some(LinkHealth::Healthy) {
                         info!("{prefix}: GCS at {addr} is reachable");

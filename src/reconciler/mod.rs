@@ -111,7 +111,7 @@ pub async fn reconcile(ctx: &Context, key: &ClusterKey, slot: &mut ClusterSlot) 
     let ray = seen.as_ref().map(|(addr, health, snapshot, drains)| RayView {
         addr,
         health,
-        snapshot: snapshot.as_ref(),
+        snapshot: snapshot.as_deref(),
         drains,
     });
     let input = PassInput {
