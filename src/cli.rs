@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::model::desired::OwnServiceAccount;
 use crate::reconciler::AutoscalerSettings;
 use crate::runtime::Settings;
 use crate::runtime::leader::LeaderConfig;
@@ -108,6 +109,18 @@ pub struct RunArgs {
     #[arg(long, env = "RAY_OPERATOR_UNSCHEDULABLE_TIMEOUT", value_parser = parse_seconds, default_value = "300")]
     pub unschedulable_timeout: Duration,
 
+    /// The operator's own ServiceAccount (downward API `spec.serviceAccountName`, set by the
+    /// Deployment). RayClusters whose podConfig runs as it (in the operator's namespace) are
+    /// refused with phase Error: their pods would carry the operator's permissions.
+    #[arg(long, env = "RAY_OPERATOR_SERVICE_ACCOUNT")]
+    pub service_account: Option<String>,
+
+    /// Honour the `cluster.ray.io/gcs-address` annotation (off by default). When on, whoever can
+    /// edit a RayCluster chooses where the operator connects: only for operators run outside the
+    /// Kubernetes network, tests and benchmarks.
+    #[arg(long, env = "RAY_OPERATOR_ALLOW_GCS_ADDRESS_ANNOTATION")]
+    pub allow_gcs_address_annotation: bool,
+
     /// Address of the health and metrics server.
     #[arg(long, env = "RAY_OPERATOR_HEALTH_ADDR", default_value = "0.0.0.0:8080")]
     pub health_addr: SocketAddr,
@@ -161,10 +174,21 @@ impl RunArgs {
             leader,
             shards: self.shards.max(1),
             create_batch: self.create_batch.max(1),
-            autoscaler: (!self.no_autoscaler)
-                .then_some(AutoscalerSettings { interval: self.autoscaler_interval, timeout: self.gcs_timeout }),
+            autoscaler: (!self.no_autoscaler).then_some(AutoscalerSettings {
+                interval: self.autoscaler_interval,
+                timeout: self.gcs_timeout,
+                gcs_address_annotation: self.allow_gcs_address_annotation,
+            }),
             unschedulable_timeout: self.unschedulable_timeout,
             health_addr: self.health_addr,
+            service_account: self.service_account.clone().filter(|s| !s.is_empty()).map(|name| OwnServiceAccount {
+                namespace: self
+                    .operator_namespace
+                    .clone()
+                    .or_else(|| self.pod_namespace.clone())
+                    .filter(|s| !s.is_empty()),
+                name,
+            }),
             instance: self.pod_name.clone().unwrap_or_else(|| "ray-operator".into()),
         })
     }

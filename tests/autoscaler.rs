@@ -203,7 +203,15 @@ async fn autoscaler_against_a_real_ray_head() {
     let gcs = format!("127.0.0.1:{gcs_port}");
 
     let op = OperatorProcess::start(
-        &["--no-leader-election", "--namespaces", &ns.name, "--autoscaler-interval", "0.5"],
+        &[
+            "--no-leader-election",
+            "--namespaces",
+            &ns.name,
+            "--autoscaler-interval",
+            "0.5",
+            // The clusters point the operator at the local head with the annotation.
+            "--allow-gcs-address-annotation",
+        ],
         &[],
     );
     let rcs: Api<RayCluster> = Api::namespaced(client.clone(), &ns.name);

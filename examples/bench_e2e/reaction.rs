@@ -178,7 +178,8 @@ async fn reaction_measure(opts: &Opts, configs: &[(String, Vec<String>)]) -> Res
     let mut head = RayHead::start(opts, &bin)?;
     let mut all = Vec::new();
     for (ci, (label, extra)) in configs.iter().enumerate() {
-        let mut flags: Vec<String> = vec!["--namespaces".into(), ns.into()];
+        // The clusters point the operator at the bench's head with the annotation, which is off by default.
+        let mut flags: Vec<String> = vec!["--namespaces".into(), ns.into(), "--allow-gcs-address-annotation".into()];
         flags.extend(extra.iter().cloned());
         let op = OpProc::start(opts, &cp, &format!("react-op-{ci}"), ns, &flags)?;
         op.wait_ready().await?;

@@ -14,7 +14,9 @@ use tracing::{debug, info, warn};
 
 pub use super::scale::{DrainState, LinkHealth};
 use crate::metrics::Metrics;
-use crate::ray::{AutoscalingReport, ClusterState, DrainReason, GcsClient, RayError};
+use crate::ray::{
+    AutoscalingReport, ClusterState, DrainReason, GcsClient, MAX_REPLY_BYTES, RayError, SMALL_REPLY_BYTES,
+};
 
 /// Wakes the owning shard to reconcile this cluster.
 pub type Waker = Arc<dyn Fn() + Send + Sync>;
@@ -26,7 +28,8 @@ const REPORT_REFRESH: Duration = Duration::from_secs(30);
 /// What the link task and its handle share: the latest answers and the outgoing requests.
 #[derive(Default)]
 struct LinkState {
-    snapshot: Option<(ClusterState, Instant)>,
+    /// Shared with the passes that read it, never copied: a big cluster's state is large.
+    snapshot: Option<(Arc<ClusterState>, Instant)>,
     health: Option<LinkHealth>,
     /// The report waiting to be sent.
     report: Option<AutoscalingReport>,
@@ -41,10 +44,23 @@ fn content(r: &AutoscalingReport) -> AutoscalingReport {
     AutoscalingReport { cluster_state_version: 0, ..r.clone() }
 }
 
-/// The cluster state with the fields that change on every read cleared: the GCS increments
-/// `version` on each `GetClusterResourceState`, so comparing it would call every poll a change.
-fn state_content(s: &ClusterState) -> ClusterState {
-    ClusterState { version: 0, ..s.clone() }
+/// The GCS call slots all links share, in two pools. A head that is slow, silent, failing or
+/// sends big replies must not keep the others waiting, and its replies must not add up to the
+/// operator's memory limit: a link whose last turn failed, took more than half the call timeout,
+/// or whose replies outgrew [`SMALL_REPLY_BYTES`] takes its turns from the small `slow` pool
+/// (where replies up to [`MAX_REPLY_BYTES`] are accepted), until a turn is quick and small again.
+/// Healthy heads keep the `fast` pool to themselves.
+pub struct GcsSlots {
+    fast: Semaphore,
+    slow: Semaphore,
+}
+
+impl GcsSlots {
+    /// `total` slots, an eighth of them (at least one) for the slow pool.
+    pub fn new(total: usize) -> Self {
+        let slow = (total / 8).max(1);
+        Self { fast: Semaphore::new(total.saturating_sub(slow).max(1)), slow: Semaphore::new(slow) }
+    }
 }
 
 /// Handle held by the cluster's state in its shard; dropping it stops the task.
@@ -69,7 +85,7 @@ impl RayLink {
         interval: Duration,
         timeout: Duration,
         metrics: Arc<Metrics>,
-        permits: Arc<Semaphore>,
+        permits: Arc<GcsSlots>,
         wake: Waker,
     ) -> Self {
         let shared = Arc::new(Mutex::new(LinkState::default()));
@@ -89,7 +105,7 @@ impl RayLink {
     }
 
     /// The latest cluster state, if the GCS answered and the answer is fresh enough.
-    pub fn snapshot(&self, max_age: Duration) -> Option<ClusterState> {
+    pub fn snapshot(&self, max_age: Duration) -> Option<Arc<ClusterState>> {
         let s = self.lock();
         let healthy = s.health == Some(LinkHealth::Healthy);
         s.snapshot.as_ref().filter(|(_, at)| healthy && at.elapsed() <= max_age).map(|(st, _)| st.clone())
@@ -154,44 +170,59 @@ async fn run(
     shared: Arc<Mutex<LinkState>>,
     kick: Arc<Notify>,
     metrics: Arc<Metrics>,
-    permits: Arc<Semaphore>,
+    permits: Arc<GcsSlots>,
     wake: Waker,
 ) {
     let lock = || shared.lock().unwrap_or_else(|e| e.into_inner());
     let mut client: Option<GcsClient> = None;
     let mut failures = 0u32;
-    let mut last_state: Option<ClusterState> = None;
+    // In the slow pool (see GcsSlots).
+    let mut slow = false;
     loop {
         let started = Instant::now();
         // A bounded number of GCS conversations at once, whatever the number of clusters: keeps the
         // operator's memory flat (each connection has its buffers) and spreads the polls out.
-        let Ok(_permit) = permits.acquire().await else { return };
+        let pool = if slow { &permits.slow } else { &permits.fast };
+        let Ok(_permit) = pool.acquire().await else { return };
+        // The whole turn (poll, drains, report) holds the slot at most this long. Timed from
+        // the slot, not from the wait for it: waiting behind others says nothing of this head.
+        let turn = Instant::now();
+        let deadline = turn + timeout * 2;
         if client.is_none() {
             match GcsClient::connect_lazy(&addr, timeout) {
                 Ok(c) => client = Some(c),
-                Err(e) => warn!("{prefix}: bad GCS address {addr}: {e}"),
+                Err(e) => warn!("{prefix}: bad GCS address {addr}: {}", e.summary()),
             }
         }
         let mut ok = false;
         if let Some(c) = client.as_mut() {
+            c.allow_large_replies(slow);
             // Boxed: a gRPC call's future is large; boxing keeps each idle link task small (one
             // per cluster, thousands of them) and allocates the call state only while it runs.
             metrics.gcs_call("GetClusterResourceState");
             match Box::pin(c.get_cluster_resource_state()).await {
-                Ok(state) => {
+                Ok(mut state) => {
                     ok = true;
-                    let now = state_content(&state);
-                    let changed = last_state.as_ref() != Some(&now);
-                    let restarted = last_state.as_ref().is_some_and(|l| l.session_name != now.session_name);
-                    last_state = Some(now);
-                    let was = {
+                    let (changed, was) = {
                         let mut s = lock();
+                        // Compared with the last state in place, without its version (the GCS
+                        // increments it on every read, so comparing it would call every poll a
+                        // change), and without copying either: a 10,000-node state is tens of MiB.
+                        let (changed, restarted) = match &s.snapshot {
+                            Some((old, _)) => {
+                                let version = std::mem::replace(&mut state.version, old.version);
+                                let changed = **old != state;
+                                state.version = version;
+                                (changed, old.session_name != state.session_name)
+                            }
+                            None => (true, false),
+                        };
                         if restarted {
                             // A new GCS knows nothing of our earlier reports.
                             s.sent = None;
                         }
-                        s.snapshot = Some((state, Instant::now()));
-                        s.health.replace(LinkHealth::Healthy)
+                        s.snapshot = Some((Arc::new(state), Instant::now()));
+                        (changed, s.health.replace(LinkHealth::Healthy))
                     };
                     if was != Some(LinkHealth::Healthy) {
                         info!("{prefix}: GCS at {addr} is reachable");
@@ -201,13 +232,24 @@ async fn run(
                     }
                     failures = 0;
                 }
+                Err(RayError::TooLarge { .. }) if !slow => {
+                    // More than the fast pool's reply limit: a big cluster (or a hostile head).
+                    // Ask again at once from the slow pool, which accepts up to MAX_REPLY_BYTES.
+                    debug!("{prefix}: GCS at {addr}: reply over {SMALL_REPLY_BYTES} bytes, moving to the slow pool");
+                    slow = true;
+                    continue;
+                }
                 Err(e) => {
                     metrics.gcs_error();
                     failures += 1;
-                    let health = LinkHealth::Unhealthy { reason: e.reason(), message: e.to_string() };
+                    // The condition (read by RayCluster editors) and the warning carry the classified
+                    // error; the raw one, which can say what the operator's network reaches, is
+                    // for the operator's debug log.
+                    let health = LinkHealth::Unhealthy { reason: e.reason(), message: e.summary() };
+                    debug!("{prefix}: GCS at {addr}: {e}");
                     let was = lock().health.replace(health.clone());
                     if was != Some(health) {
-                        warn!("{prefix}: GCS at {addr} failed ({}): {e}", e.reason());
+                        warn!("{prefix}: GCS at {addr} failed: {}", e.summary());
                         wake();
                     }
                     // Drop the channel on any failure: an unreachable or broken head must not keep a
@@ -218,9 +260,26 @@ async fn run(
             }
         }
         if ok && let Some(c) = client.as_mut() {
-            Box::pin(send_outbox(&prefix, c, &shared, &wake, &metrics)).await;
+            // What does not fit in the turn's budget (a head slow to answer drains) waits for the
+            // next turn: drains stay requested, the report unsent.
+            let left = deadline.saturating_duration_since(Instant::now());
+            if tokio::time::timeout(left, Box::pin(send_outbox(&prefix, c, &shared, &wake, &metrics))).await.is_err() {
+                debug!("{prefix}: GCS at {addr}: turn over its {:?} budget; the rest waits", timeout * 2);
+            }
         }
         drop(_permit);
+        let big = client.as_ref().is_some_and(|c| c.last_reply_bytes() > SMALL_REPLY_BYTES / 4 * 3);
+        let was_slow = slow;
+        slow = !ok || big || turn.elapsed() > timeout / 2;
+        if slow != was_slow {
+            debug!(
+                "{prefix}: GCS at {addr}: {} pool (last turn {:?}, reply {} bytes, limit {} bytes)",
+                if slow { "slow" } else { "fast" },
+                turn.elapsed(),
+                client.as_ref().map_or(0, |c| c.last_reply_bytes()),
+                if slow { MAX_REPLY_BYTES } else { SMALL_REPLY_BYTES }
+            );
+        }
         // Poll every `interval`; after failures back off (up to 30 s) so a dead head costs little.
         let wait = if ok {
             interval.saturating_sub(started.elapsed())

@@ -31,6 +31,43 @@ pub const LABEL_COMPONENT: &str = "cluster.ray.io/component";
 /// Kubernetes cluster. Our own annotations never count as the user's "restart" annotation.
 pub const GCS_ADDRESS_ANNOTATION: &str = "cluster.ray.io/gcs-address";
 
+/// The operator's own ServiceAccount. A Ray pod running as it would hand the operator's token
+/// (create and delete pods, patch RayCluster status, take the Lease) to whoever can edit a
+/// RayCluster, so podConfigs naming it are refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnServiceAccount {
+    /// Its namespace (`None`: unknown, e.g. a local run; then the name is refused everywhere).
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+/// Refuses a RayCluster whose podConfigs run as the operator's own ServiceAccount
+/// (`serviceAccountName`, or its deprecated alias `serviceAccount`). A pod's ServiceAccount is
+/// always one of the pod's namespace, so only clusters in the operator's namespace can name it.
+/// Checked here, not by a CEL rule in the CRD: the CRD is shared by every install and cannot know
+/// a renamed ServiceAccount or its namespace, and podConfig is schemaless to CEL.
+pub fn refuse_own_service_account(cluster: &RayCluster, own: &OwnServiceAccount) -> Result<(), InvalidSpec> {
+    if own.namespace.as_ref().is_some_and(|ns| cluster.namespace().as_ref() != Some(ns)) {
+        return Ok(());
+    }
+    for (i, t) in cluster.spec.pod_types.iter().enumerate() {
+        let config = t.pod_config.to_value();
+        for key in ["serviceAccountName", "serviceAccount"] {
+            if config["spec"][key].as_str() == Some(own.name.as_str()) {
+                return Err(InvalidSpec {
+                    field: format!("spec.podTypes[{i}].podConfig.spec.{key}"),
+                    message: format!(
+                        "{:?} is the operator's own ServiceAccount; Ray pods must not run with the operator's \
+                         permissions (give them a ServiceAccount of their own, see docs/install.md)",
+                        own.name
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Default GCS port when `ray start --head` has no `--port`.
 pub const DEFAULT_GCS_PORT: i32 = 6379;
 
@@ -314,6 +351,14 @@ fn pod_template(
     let Some(spec) = pod.spec.as_mut() else {
         return Err(InvalidSpec { field: format!("{field}.spec"), message: "required".into() });
     };
+    // Ray never calls the Kubernetes API (this operator is its autoscaler), so a pod that asks for
+    // no ServiceAccount gets no token either: the namespace's `default` account may have been
+    // granted more than Ray should carry. Naming a ServiceAccount or setting the field keeps the
+    // user's choice. Not part of the hash: existing pods are not restarted for it.
+    let named = |s: &Option<String>| s.as_deref().is_some_and(|s| !s.is_empty());
+    if !named(&spec.service_account_name) && !named(&spec.service_account) {
+        spec.automount_service_account_token.get_or_insert(false);
+    }
     let Some(container) = spec.containers.first_mut() else {
         return Err(InvalidSpec {
             field: format!("{field}.spec.containers"),

@@ -29,10 +29,16 @@ fn unhealthy(reason: &'static str, message: String) -> Option<ClusterCondition> 
     Some(ClusterCondition::new(ConditionType::AutoscalerHealthy, false, reason, message))
 }
 
-/// The GCS address of a cluster: the override annotation, else the head Service's ClusterIP and
-/// `gcs` port (no DNS lookup per poll), else the Service's DNS name.
-pub fn gcs_address(cluster: &RayCluster, desired: &Desired, service_ip: Option<&str>) -> String {
-    if let Some(a) = cluster.annotations().get(GCS_ADDRESS_ANNOTATION).filter(|a| !a.is_empty()) {
+/// The GCS address of a cluster: the override annotation (only if `allow_annotation`: the operator
+/// flag that lets RayCluster editors choose where the operator connects), else the head Service's
+/// ClusterIP and `gcs` port (no DNS lookup per poll), else the Service's DNS name.
+pub fn gcs_address(
+    cluster: &RayCluster,
+    desired: &Desired,
+    service_ip: Option<&str>,
+    allow_annotation: bool,
+) -> String {
+    if let Some(a) = cluster.annotations().get(GCS_ADDRESS_ANNOTATION).filter(|a| allow_annotation && !a.is_empty()) {
         return a.clone();
     }
     let port = desired.gcs_port;
@@ -89,7 +95,8 @@ pub(super) fn autoscale(input: &PassInput<'_>, desired: &Desired, out: &mut Pass
         let condition = unhealthy("HeadNotRunning", "waiting for the head pod to run".into());
         return Scaling { condition, ..Default::default() };
     }
-    let addr = gcs_address(input.cluster, desired, input.service.and_then(|s| s.cluster_ip.as_deref()));
+    let allow = input.settings.autoscaler.as_ref().is_some_and(|a| a.gcs_address_annotation);
+    let addr = gcs_address(input.cluster, desired, input.service.and_then(|s| s.cluster_ip.as_deref()), allow);
     let Some(ray) = input.ray.filter(|r| r.addr == addr) else {
         // A new link knows nothing yet: keep what exists, and whatever the condition said (an
         // operator restart must not rewrite the status of every cluster).
@@ -163,6 +170,8 @@ fn gcs_reason(reason: &str) -> &'static str {
     match reason {
         "unreachable" | "connect" => "GcsUnreachable",
         "timeout" => "GcsTimeout",
+        "protocol" | "decode" => "GcsProtocolError",
+        "too_large" => "GcsReplyTooLarge",
         _ => "GcsError",
     }
 }

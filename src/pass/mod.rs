@@ -40,6 +40,9 @@ pub struct AutoscalerSettings {
     pub interval: Duration,
     /// Timeout of every GCS call.
     pub timeout: Duration,
+    /// Whether the `cluster.ray.io/gcs-address` annotation is honoured (else the head Service is
+    /// always used): it lets a RayCluster editor choose where the operator connects.
+    pub gcs_address_annotation: bool,
 }
 
 /// The operator's settings a pass depends on.

@@ -27,9 +27,30 @@ use tonic::transport::{Channel, Endpoint};
 use super::proto::{self, autoscaler_state_service_client::AutoscalerStateServiceClient};
 use super::state::{ClusterState, GangRequest, ResourceConstraint, ResourceDemand, hex, unhex};
 
-/// Largest reply accepted. tonic's default (4 MiB) is too small for a big cluster: the GCS lists
-/// every node it knows, up to 1000 dead ones included, with all their resources and labels.
-pub const MAX_REPLY_BYTES: usize = 64 << 20;
+/// Largest cluster-state reply accepted. The head runs the user's image, so its replies are
+/// untrusted: the limit must fit a real big cluster and no more. Measured on a real Ray 2.60 head
+/// with 3 workers (6 resources and 6 labels per node, pod-like instance ids, all nodes busy): a
+/// `GetClusterResourceState` reply of 2,505–2,673 bytes, 590–655 bytes per `NodeState`. The GCS
+/// lists every live node and up to 1,000 dead ones, so a 10,000-node cluster answers with about
+/// 11,000 × 655 B ≈ 7.2 MB, and ≈ 11 MiB at 1 KiB per node (more resources and labels); 16 MiB
+/// leaves that headroom.
+pub const MAX_REPLY_BYTES: usize = 16 << 20;
+
+/// Reply limit of a client until [`GcsClient::allow_large_replies`]: about 1,500 nodes. The link
+/// gives most clusters only this much, so many concurrent calls cannot add up to much memory.
+pub const SMALL_REPLY_BYTES: usize = 1 << 20;
+
+/// Most memory the decoded replies being decoded may take at once, all clients together, as
+/// estimated from their wire format before decoding ([`decoded_cost`]). Also the most one reply
+/// may take: the reply of a 10,000-node cluster (plus 1,000 dead nodes) of nodes like the measured
+/// ones is 7.4 MB and estimated at 83 MiB (`a_ten_thousand_node_cluster_fits_the_limits`), so
+/// about 12,000 such nodes fit. A reply over it fails as [`RayError::TooLarge`] without being
+/// decoded. Together with the replies being received (28 fast slots × 1 MiB, 4 slow × 16 MiB)
+/// this keeps GCS traffic under about 190 MiB of the operator's 256 Mi limit at worst.
+pub const DECODE_BUDGET_BYTES: usize = 96 << 20;
+
+/// The decode budget, in KiB (a semaphore counts permits as `u32` when acquiring many).
+static DECODE_BUDGET: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(DECODE_BUDGET_BYTES >> 10);
 
 /// At most this many entries go into a report's `infeasible_resource_requests` (Ray lists one
 /// entry per request, not per shape). The GCS only compares shapes and the list's length, and
@@ -62,6 +83,25 @@ pub enum RayError {
         /// The RPC method.
         method: &'static str,
         /// The transport error, with its causes.
+        message: String,
+    },
+    /// The connection was made but the peer does not speak gRPC/HTTP/2 the way a GCS does (it
+    /// closed or reset the connection, or broke the protocol): a wrong port, a TLS port, or a
+    /// broken head.
+    #[error("{method}: protocol error: {message}")]
+    Protocol {
+        /// The RPC method.
+        method: &'static str,
+        /// The transport error, with its causes.
+        message: String,
+    },
+    /// The reply is larger than [`MAX_REPLY_BYTES`] (refused from its length prefix, before it
+    /// is read).
+    #[error("{method}: reply too large: {message}")]
+    TooLarge {
+        /// The RPC method.
+        method: &'static str,
+        /// tonic's message (found N bytes, the limit is M).
         message: String,
     },
     /// No reply within the client's timeout (or the server reported `DEADLINE_EXCEEDED`).
@@ -109,11 +149,31 @@ impl RayError {
         match self {
             RayError::InvalidAddress { .. } => "invalid_address",
             RayError::Connect { .. } | RayError::Unavailable { .. } => "unreachable",
+            RayError::Protocol { .. } => "protocol",
+            RayError::TooLarge { .. } => "too_large",
             RayError::Timeout { .. } => "timeout",
             RayError::Status { code, .. } => code_name(*code),
             RayError::Decode { .. } => "decode",
             RayError::InvalidRequest(_) => "invalid_request",
             RayError::HeadNode { .. } => "head_node",
+        }
+    }
+
+    /// The error classified for people who may not see transport details: condition messages
+    /// are read by RayCluster editors, and a raw error would tell them what the operator's
+    /// network position can reach ("connection refused" vs "broken pipe"), or echo text chosen
+    /// by whoever runs the head. Raw errors go to the operator's debug log only.
+    pub fn summary(&self) -> String {
+        match self {
+            RayError::InvalidAddress { .. } => "invalid address".into(),
+            RayError::Connect { .. } | RayError::Unavailable { .. } => "unreachable".into(),
+            RayError::Protocol { .. } => "protocol error (the peer is not a GCS, or broke the connection)".into(),
+            RayError::Decode { .. } => "protocol error (invalid reply)".into(),
+            RayError::TooLarge { .. } => format!("reply larger than the {} MiB limit", MAX_REPLY_BYTES >> 20),
+            RayError::Timeout { timeout, .. } => format!("timeout (no reply within {timeout:?})"),
+            RayError::Status { code, .. } => format!("the GCS answered {}", code_name(*code)),
+            RayError::InvalidRequest(_) => "invalid request".into(),
+            RayError::HeadNode { .. } => "refused to drain the head".into(),
         }
     }
 
@@ -135,6 +195,14 @@ impl RayError {
         if timed_out(&status) {
             return RayError::Timeout { method, timeout };
         }
+        if status.code() == tonic::Code::OutOfRange
+            && status.message().starts_with("Error, decoded message length too large")
+        {
+            return RayError::TooLarge { method, message };
+        }
+        if broke_protocol(&status) {
+            return RayError::Protocol { method, message };
+        }
         match status.code() {
             tonic::Code::Unavailable => RayError::Unavailable { method, message },
             tonic::Code::DeadlineExceeded => RayError::Timeout { method, timeout },
@@ -145,6 +213,32 @@ impl RayError {
             code => RayError::Status { method, code, message },
         }
     }
+}
+
+/// Whether a failed call reached a peer that then closed, reset or garbled the connection (as
+/// opposed to never reaching one: refused, no route, DNS). Judged from the error's causes: an I/O
+/// error of the kinds a non-gRPC peer causes, or an HTTP/2 protocol error (h2 is not our
+/// dependency, so it is recognised by its message).
+fn broke_protocol(status: &tonic::Status) -> bool {
+    use std::io::ErrorKind;
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                ErrorKind::BrokenPipe | ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof | ErrorKind::InvalidData
+            );
+        }
+        let text = e.to_string();
+        if text.contains("protocol error")
+            || text.contains("connection closed")
+            || text.contains("frame with invalid size")
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// Whether tonic gave up waiting (its connect timeout, which surfaces as `CANCELLED: Timeout
@@ -343,6 +437,12 @@ pub struct GcsClient {
     addr: String,
     timeout: Duration,
     client: AutoscalerStateServiceClient<Channel>,
+    /// For the calls whose replies are read raw ([`raw_call`]).
+    channel: Channel,
+    /// Largest cluster-state reply this client accepts.
+    reply_limit: usize,
+    /// Size of the last cluster-state reply (bytes on the wire).
+    last_reply_bytes: usize,
     /// The last `autoscaler_state_version` sent (or read from the GCS).
     last_report_version: i64,
     /// Whether `last_report_version` was raised to the version the GCS holds.
@@ -387,7 +487,11 @@ impl GcsClient {
         GcsClient {
             addr: addr.to_string(),
             timeout,
-            client: AutoscalerStateServiceClient::new(channel).max_decoding_message_size(MAX_REPLY_BYTES),
+            // The replies read through this client (reports, drains) are a few bytes.
+            client: AutoscalerStateServiceClient::new(channel.clone()).max_decoding_message_size(SMALL_REPLY_BYTES),
+            channel,
+            reply_limit: SMALL_REPLY_BYTES,
+            last_reply_bytes: 0,
             last_report_version: 0,
             report_version_seeded: false,
             known_nodes: BTreeMap::new(),
@@ -405,6 +509,55 @@ impl GcsClient {
         self.timeout
     }
 
+    /// Accepts cluster-state replies up to [`MAX_REPLY_BYTES`] (`true`) or [`SMALL_REPLY_BYTES`].
+    pub fn allow_large_replies(&mut self, large: bool) {
+        self.reply_limit = if large { MAX_REPLY_BYTES } else { SMALL_REPLY_BYTES };
+    }
+
+    /// Bytes of the last cluster-state reply read.
+    pub fn last_reply_bytes(&self) -> usize {
+        self.last_reply_bytes
+    }
+
+    /// Reads a cluster-state reply raw, checks what decoding it would cost and decodes it within
+    /// the process-wide [`DECODE_BUDGET_BYTES`]. prost decodes a 2-byte empty `NodeState` into a
+    /// struct of hundreds of bytes, so a reply's size alone does not bound its memory.
+    async fn read_state_reply<Req, Reply>(
+        &mut self,
+        method: &'static str,
+        path: &'static str,
+        message: Req,
+        cost: fn(&[u8]) -> Option<usize>,
+    ) -> Result<Reply, RayError>
+    where
+        Req: prost::Message + Send + 'static,
+        Reply: prost::Message + Default,
+    {
+        let timeout = self.timeout;
+        let raw =
+            call(method, timeout, raw_call(self.channel.clone(), path, request(message, timeout), self.reply_limit))
+                .await?;
+        self.last_reply_bytes = raw.len();
+        let decode = || RayError::Decode { method, message: "malformed protobuf".into() };
+        let estimate = cost(&raw).ok_or_else(decode)?;
+        if estimate > DECODE_BUDGET_BYTES {
+            return Err(RayError::TooLarge {
+                method,
+                message: format!(
+                    "{} bytes that would take about {} MiB decoded; the limit is {} MiB",
+                    raw.len(),
+                    estimate >> 20,
+                    DECODE_BUDGET_BYTES >> 20
+                ),
+            });
+        }
+        let kib = u32::try_from(estimate.div_ceil(1024)).unwrap_or(u32::MAX);
+        let _budget = tokio::time::timeout(timeout, DECODE_BUDGET.acquire_many(kib))
+            .await
+            .map_err(|_| RayError::Timeout { method, timeout })?;
+        Reply::decode(raw).map_err(|e| RayError::Decode { method, message: e.to_string() })
+    }
+
     /// The last `autoscaler_state_version` this client sent or learned from the GCS (0 before
     /// the first report).
     pub fn last_report_version(&self) -> i64 {
@@ -416,10 +569,15 @@ impl GcsClient {
     /// = 0`; see the module docs for why).
     pub async fn get_cluster_resource_state(&mut self) -> Result<ClusterState, RayError> {
         const METHOD: &str = "GetClusterResourceState";
-        let timeout = self.timeout;
-        let req =
-            request(proto::GetClusterResourceStateRequest { last_seen_cluster_resource_state_version: 0 }, timeout);
-        let reply = call(METHOD, timeout, self.client.get_cluster_resource_state(req)).await?;
+        let req = proto::GetClusterResourceStateRequest { last_seen_cluster_resource_state_version: 0 };
+        let reply: proto::GetClusterResourceStateReply = self
+            .read_state_reply(
+                METHOD,
+                "/ray.rpc.autoscaler.AutoscalerStateService/GetClusterResourceState",
+                req,
+                wire::state_reply_cost,
+            )
+            .await?;
         let state = reply
             .cluster_resource_state
             .ok_or_else(|| RayError::Decode { method: METHOD, message: "no cluster_resource_state".into() })?;
@@ -432,9 +590,14 @@ impl GcsClient {
     /// accepted (`GetClusterStatus`).
     pub async fn get_cluster_status(&mut self) -> Result<ClusterStatus, RayError> {
         const METHOD: &str = "GetClusterStatus";
-        let timeout = self.timeout;
-        let req = request(proto::GetClusterStatusRequest {}, timeout);
-        let reply = call(METHOD, timeout, self.client.get_cluster_status(req)).await?;
+        let reply: proto::GetClusterStatusReply = self
+            .read_state_reply(
+                METHOD,
+                "/ray.rpc.autoscaler.AutoscalerStateService/GetClusterStatus",
+                proto::GetClusterStatusRequest {},
+                wire::status_reply_cost,
+            )
+            .await?;
         let state = reply
             .cluster_resource_state
             .ok_or_else(|| RayError::Decode { method: METHOD, message: "no cluster_resource_state".into() })?;
@@ -574,6 +737,174 @@ fn endpoint(addr: &str, timeout: Duration) -> Result<Endpoint, RayError> {
         return Err(invalid("no port (the GCS listens on 6379 by default)"));
     }
     Ok(endpoint.connect_timeout(timeout).tcp_nodelay(true).tcp_keepalive(Some(Duration::from_secs(30))))
+}
+
+/// A unary call whose reply is handed over as the raw message bytes, at most `limit` of them
+/// (tonic refuses a longer message from its length prefix, before reading it).
+async fn raw_call<Req: prost::Message + Send + 'static>(
+    channel: Channel,
+    path: &'static str,
+    req: tonic::Request<Req>,
+    limit: usize,
+) -> Result<tonic::Response<tonic::codegen::Bytes>, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(limit);
+    grpc.ready().await.map_err(|e| tonic::Status::unavailable(format!("service was not ready: {e}")))?;
+    grpc.unary(req, http::uri::PathAndQuery::from_static(path), RawCodec::<Req>(std::marker::PhantomData)).await
+}
+
+/// Encodes requests with prost, hands replies over undecoded.
+struct RawCodec<Req>(std::marker::PhantomData<Req>);
+
+struct RawDecoder;
+
+impl tonic::codec::Decoder for RawDecoder {
+    type Item = tonic::codegen::Bytes;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Self::Item>, Self::Error> {
+        use prost::bytes::Buf;
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+impl<Req: prost::Message + Send + 'static> tonic::codec::Codec for RawCodec<Req> {
+    type Encode = Req;
+    type Decode = tonic::codegen::Bytes;
+    type Encoder = tonic_prost::ProstEncoder<Req>;
+    type Decoder = RawDecoder;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstEncoder::default()
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RawDecoder
+    }
+}
+
+/// Estimates, from the protobuf wire format alone, how much memory decoding a reply takes: the
+/// structs prost allocates (with their `Vec` slack) plus the copy [`ClusterState::from_proto`]
+/// makes. Upper bounds, not exact figures; `None` for bytes that are not protobuf.
+mod wire {
+    use super::proto;
+    use std::mem::size_of;
+
+    /// Memory of one map entry or repeated string beyond its bytes: the key and value `String`s
+    /// (24 each) in a B-tree node at least half full.
+    const SLOT: usize = 64;
+    /// The first B-tree leaf of a non-empty map: 11 keys and values allocated at once, even for
+    /// one entry (11 × (24 + 24) plus the header, for `String` values). A map field of one tiny
+    /// entry (5 bytes on the wire) thus costs hundreds of bytes decoded.
+    const MAP_LEAF: usize = 560;
+    /// prost's structs and our own copy of the state ([`super::ClusterState::from_proto`]).
+    const COPIES: usize = 2;
+
+    /// The fields of one message: `(field number, Some(bytes) for length-delimited)`.
+    fn walk(mut b: &[u8], mut each: impl FnMut(u32, Option<&[u8]>) -> Option<()>) -> Option<()> {
+        while !b.is_empty() {
+            let key = prost::encoding::decode_varint(&mut b).ok()?;
+            let field = u32::try_from(key >> 3).ok()?;
+            match key & 7 {
+                0 => {
+                    prost::encoding::decode_varint(&mut b).ok()?;
+                    each(field, None)?;
+                }
+                1 => b = b.get(8..)?,
+                5 => b = b.get(4..)?,
+                2 => {
+                    let n = usize::try_from(prost::encoding::decode_varint(&mut b).ok()?).ok()?;
+                    let (payload, rest) = (b.get(..n)?, b.get(n..)?);
+                    b = rest;
+                    each(field, Some(payload))?;
+                }
+                _ => return None,
+            }
+        }
+        Some(())
+    }
+
+    fn node(b: &[u8]) -> Option<usize> {
+        // The struct, and its slot's twin in the `Vec`'s spare capacity (it grows by doubling).
+        let mut cost = 2 * size_of::<proto::NodeState>();
+        let mut maps_seen = 0u32;
+        walk(b, |field, payload| {
+            cost += match (field, payload) {
+                // Maps (resources, labels; fields this proto does not know, e.g. 6, prost skips).
+                (4 | 5 | 13, Some(p)) => {
+                    let first = maps_seen & (1 << field) == 0;
+                    maps_seen |= 1 << field;
+                    SLOT + p.len() + if first { MAP_LEAF } else { 0 }
+                }
+                // The repeated `node_activity` strings.
+                (12, Some(p)) => SLOT + p.len(),
+                (_, Some(p)) => p.len(),
+                _ => 0,
+            };
+            Some(())
+        })?;
+        Some(cost)
+    }
+
+    /// Any message of the request types (demand, placement groups, constraints): every
+    /// length-delimited field is costed as a submessage of the largest such struct, whether it
+    /// is one or a string.
+    fn generic(b: &[u8], depth: u32) -> usize {
+        let base = size_of::<proto::GangResourceRequest>()
+            .max(size_of::<proto::ResourceRequest>())
+            .max(size_of::<proto::ResourceRequestByCount>())
+            .max(size_of::<proto::BundleSelector>())
+            .max(size_of::<proto::AutoscalingState>())
+            .max(MAP_LEAF);
+        let mut cost = base;
+        let ok = walk(b, |_, payload| {
+            if let Some(p) = payload {
+                cost += p.len() + if depth < 12 { generic(p, depth + 1) } else { base };
+            }
+            Some(())
+        });
+        if ok.is_some() { cost } else { base + b.len() }
+    }
+
+    fn state(b: &[u8]) -> Option<usize> {
+        let mut cost = size_of::<proto::ClusterResourceState>();
+        walk(b, |field, payload| {
+            cost += match (field, payload) {
+                (3, Some(p)) => node(p)?,
+                (_, Some(p)) => generic(p, 0),
+                _ => 0,
+            };
+            Some(())
+        })?;
+        Some(cost)
+    }
+
+    /// `GetClusterResourceStateReply`.
+    pub fn state_reply_cost(b: &[u8]) -> Option<usize> {
+        let mut cost = 0;
+        walk(b, |field, payload| {
+            cost += match (field, payload) {
+                (1, Some(p)) => state(p)?,
+                (_, Some(p)) => generic(p, 0),
+                _ => 0,
+            };
+            Some(())
+        })?;
+        Some(cost.saturating_mul(COPIES))
+    }
+
+    /// `GetClusterStatusReply`: the autoscaling state (field 1) and the cluster state (field 2).
+    pub fn status_reply_cost(b: &[u8]) -> Option<usize> {
+        let mut cost = 0;
+        walk(b, |field, payload| {
+            cost += match (field, payload) {
+                (2, Some(p)) => state(p)?,
+                (_, Some(p)) => generic(p, 0),
+                _ => 0,
+            };
+            Some(())
+        })?;
+        Some(cost.saturating_mul(COPIES))
+    }
 }
 
 fn request<T>(message: T, timeout: Duration) -> tonic::Request<T> {
@@ -958,6 +1289,63 @@ mod tests {
         client.known_nodes.insert("ab".repeat(28), false);
         let err = client.drain_node(&"ab".repeat(28), DrainReason::Preemption, "x", None).await.unwrap_err();
         assert!(matches!(err, RayError::HeadNode { .. }), "{err}");
+    }
+
+    fn reply_bytes(nodes: Vec<proto::NodeState>) -> Vec<u8> {
+        use prost::Message;
+        let state = proto::ClusterResourceState { node_states: nodes, ..Default::default() };
+        proto::GetClusterResourceStateReply { cluster_resource_state: Some(state) }.encode_to_vec()
+    }
+
+    /// A node as a real Ray 2.60 head reports it (6 resources, 6 labels, busy; 655 bytes).
+    fn realistic_node(i: usize) -> proto::NodeState {
+        let resources =
+            ["object_store_memory", "node:10.1.2.3", "memory", "custom_resource_1", "accelerator_type:A100", "CPU"];
+        let labels =
+            ["team", "ray.io/node-id", "ray.io/node-group", "ray.io/market-type", "ray.io/availability-zone", "rack"];
+        proto::NodeState {
+            node_id: vec![7; 28],
+            instance_id: format!("big-cluster-worker-gpu-{i}-abcde"),
+            ray_node_type_name: "gpu-worker".into(),
+            node_ip_address: "10.1.2.3".into(),
+            status: 1,
+            node_activity: vec!["Resource: CPU currently in use.".into(), "Busy workers on node.".into()],
+            total_resources: resources.iter().map(|k| (k.to_string(), 2.4e10)).collect(),
+            available_resources: resources.iter().map(|k| (k.to_string(), 8.0)).collect(),
+            labels: labels
+                .iter()
+                .zip(["ml-platform", &"fc".repeat(28), "gpu-worker", "spot", "us-west-2b", "r2"])
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_ten_thousand_node_cluster_fits_the_limits() {
+        // 10,000 live nodes and the 1,000 dead ones the GCS keeps.
+        let reply = reply_bytes((0..11_000).map(realistic_node).collect());
+        let cost = wire::state_reply_cost(&reply).unwrap();
+        eprintln!("11,000 nodes: {} bytes, estimated {} MiB decoded", reply.len(), cost >> 20);
+        assert!(reply.len() <= MAX_REPLY_BYTES, "{} bytes", reply.len());
+        assert!(cost <= DECODE_BUDGET_BYTES, "estimated {cost} bytes decoded");
+        // ... but not twice that many.
+        let reply = reply_bytes((0..22_000).map(realistic_node).collect());
+        assert!(wire::state_reply_cost(&reply).unwrap() > DECODE_BUDGET_BYTES);
+    }
+
+    #[test]
+    fn tiny_elements_are_costed_by_their_decoded_size() {
+        // 2-byte empty nodes: 1 MiB on the wire is half a million structs.
+        let empty = reply_bytes(vec![proto::NodeState::default(); 500_000]);
+        assert!(empty.len() <= SMALL_REPLY_BYTES);
+        let cost = wire::state_reply_cost(&empty).unwrap();
+        assert!(cost >= 500_000 * 2 * std::mem::size_of::<proto::NodeState>(), "{cost}");
+        // One-entry maps: a B-tree leaf each.
+        let one = proto::NodeState { total_resources: [("a".to_string(), 0.0)].into(), ..Default::default() };
+        let bytes = reply_bytes(vec![one; 1000]);
+        assert!(wire::state_reply_cost(&bytes).unwrap() >= 1000 * 560, "{bytes:?}");
+        assert_eq!(wire::state_reply_cost(&[0xff]), None, "not protobuf");
     }
 
     #[test]

@@ -22,7 +22,7 @@ mod state;
 pub use client::{
     AutoscalingReport, ClusterStatus, DrainOutcome, DrainReason, FailedLaunch, GcsClient, MAX_REPLY_BYTES,
     MAX_REPORTED_INFEASIBLE_REQUESTS, MAX_REPORTED_PENDING_LAUNCHES, PendingInstance, PendingLaunch, RayError,
-    ReportedAutoscalingState,
+    ReportedAutoscalingState, SMALL_REPLY_BYTES,
 };
 pub use state::{
     ClusterState, GangRequest, HEAD_NODE_RESOURCE, LabelConstraint, LabelOperator, LabelSelector, NodeStatus, RayNode,

@@ -69,8 +69,10 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub settings: PassSettings,
     pub fence: Arc<dyn WriteFence>,
+    /// The operator's own ServiceAccount: Ray pods may not run as it.
+    pub own_service_account: Option<desired::OwnServiceAccount>,
     /// Bounds concurrent GCS calls across all clusters.
-    pub gcs_permits: Arc<tokio::sync::Semaphore>,
+    pub gcs_permits: Arc<crate::autoscaler::link::GcsSlots>,
 }
 
 impl Context {
@@ -98,7 +100,10 @@ pub async fn reconcile(ctx: &Context, key: &ClusterKey, slot: &mut ClusterSlot) 
         return Ok(Next::Idle);
     };
     let now = Timestamp::now();
-    let desired = desired::desired(&cluster);
+    let desired = match &ctx.own_service_account {
+        Some(own) => desired::refuse_own_service_account(&cluster, own).and_then(|()| desired::desired(&cluster)),
+        None => desired::desired(&cluster),
+    };
     let (pods, service) = (ctx.cache.pods(key), ctx.cache.service(key));
     let link = slot.link.as_ref();
     let max_age = ctx.settings.autoscaler.as_ref().map(|a| a.interval * 3 + a.timeout);
@@ -106,7 +111,7 @@ pub async fn reconcile(ctx: &Context, key: &ClusterKey, slot: &mut ClusterSlot) 
     let ray = seen.as_ref().map(|(addr, health, snapshot, drains)| RayView {
         addr,
         health,
-        snapshot: snapshot.as_ref(),
+        snapshot: snapshot.as_deref(),
         drains,
     });
     let input = PassInput {

@@ -26,6 +26,7 @@ use tracing::{info, warn};
 
 use crate::cache::Cache;
 use crate::metrics::Metrics;
+use crate::model::desired::OwnServiceAccount;
 use crate::reconciler::{AutoscalerSettings, Context, MAX_CONCURRENT_GCS_CALLS, PassSettings};
 use leader::{Fence, LeaderConfig};
 use shards::Shards;
@@ -46,6 +47,8 @@ pub struct Settings {
     pub autoscaler: Option<AutoscalerSettings>,
     pub unschedulable_timeout: Duration,
     pub health_addr: SocketAddr,
+    /// The operator's own ServiceAccount, which Ray pods may not run as.
+    pub service_account: Option<OwnServiceAccount>,
     /// Reported in Events (`reportingInstance`).
     pub instance: String,
 }
@@ -198,7 +201,8 @@ fn context(
             unschedulable_timeout: settings.unschedulable_timeout,
         },
         fence,
-        gcs_permits: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_GCS_CALLS)),
+        own_service_account: settings.service_account.clone(),
+        gcs_permits: Arc::new(crate::autoscaler::link::GcsSlots::new(MAX_CONCURRENT_GCS_CALLS)),
     })
 }
 

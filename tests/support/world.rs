@@ -72,8 +72,12 @@ pub struct Link {
 pub fn settings(autoscaler: bool) -> PassSettings {
     PassSettings {
         create_batch: 100,
-        autoscaler: autoscaler
-            .then(|| AutoscalerSettings { interval: Duration::from_secs(1), timeout: Duration::from_secs(2) }),
+        autoscaler: autoscaler.then(|| AutoscalerSettings {
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(2),
+            // The fixtures exercise the override.
+            gcs_address_annotation: true,
+        }),
         unschedulable_timeout: Duration::from_secs(60),
     }
 }
@@ -106,7 +110,7 @@ impl World {
     /// The GCS address the pass derives (the link must talk to it to count).
     pub fn gcs_address(&self) -> String {
         let ip = self.service.as_ref().and_then(|s| s.cluster_ip.as_deref());
-        pass::gcs_address(&self.cluster, self.desired(), ip)
+        pass::gcs_address(&self.cluster, self.desired(), ip, true)
     }
 
     /// A pod from `"<name> <type> <phase> [ready] [old] [terminating] [unsched=<secs>]"`; the type
