@@ -347,7 +347,8 @@ fn values_take_effect_and_keep_the_hardening() {
             "POD_NAMESPACE",
             "RAY_OPERATOR_HEALTH_ADDR",
             "RAY_OPERATOR_LOG_FORMAT",
-            "RAY_OPERATOR_POD_NAMESPACE"
+            "RAY_OPERATOR_POD_NAMESPACE",
+            "RAY_OPERATOR_SERVICE_ACCOUNT"
         ]
         .map(String::from)
         .into()
@@ -437,13 +438,19 @@ async fn replicas_for_pods(
     for p in pods {
         let name = p.name_any();
         // Values as the kubelet would set them: plain values, and the downward API's fieldRefs
-        // (POD_NAME, POD_NAMESPACE, the namespaced mode's RAY_OPERATOR_POD_NAMESPACE).
+        // (POD_NAME, POD_NAMESPACE, the namespaced mode's RAY_OPERATOR_POD_NAMESPACE, the
+        // operator's own RAY_OPERATOR_SERVICE_ACCOUNT).
         let e: Vec<(String, String)> = env
             .iter()
             .map(|e| {
                 let value = match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
                     Some("metadata.name") => name.clone(),
                     Some("metadata.namespace") => ns.to_string(),
+                    Some("spec.serviceAccountName") => p
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.service_account_name.clone())
+                        .expect("the Deployment's pods name their ServiceAccount"),
                     Some(other) => panic!("unexpected fieldRef {other}"),
                     None => e["value"].as_str().expect("a value or a fieldRef").to_string(),
                 };
