@@ -72,8 +72,12 @@ pub struct Link {
 pub fn settings(autoscaler: bool) -> PassSettings {
     PassSettings {
         create_batch: 100,
-        autoscaler: autoscaler
-            .then(|| AutoscalerSettings { interval: Duration::from_secs(1), timeout: Duration::from_secs(2) }),
+        autoscaler: autoscaler.then(|| AutoscalerSettings {
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(2),
+            registration_timeout: Duration::from_secs(600),
+            head_gcs_grace: Duration::from_secs(60),
+        }),
         unschedulable_timeout: Duration::from_secs(60),
     }
 }
