@@ -100,6 +100,9 @@ struct MemoryCase {
     /// The head's GCS has not answered for this many seconds.
     #[serde(default)]
     gcs_down_for: Option<i64>,
+    /// The head pod whose GCS answered before.
+    #[serde(default)]
+    gcs_answered: Option<String>,
 }
 
 /// The refusal message the cases use.
@@ -233,6 +236,7 @@ fn world_of(case: &Case) -> World {
             m.refused_retry_in.map(|s| pass::Refusal { attempts: 1, retry_at: at(s), message: REFUSED.into() });
         w.memory.unregistered_since = m.unregistered_for.iter().map(|(p, s)| (p.clone(), at(-s))).collect();
         w.memory.gcs_down_since = m.gcs_down_for.map(|s| at(-s));
+        w.memory.gcs_answered = m.gcs_answered.clone();
     }
     w
 }

@@ -22,7 +22,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use crate::api::{Phase, RayCluster, RayClusterStatus};
 use crate::autoscaler::scale::{DrainCandidate, DrainState, LinkHealth};
 use crate::model::desired::{Desired, InvalidSpec, NodeKind};
-use crate::model::observed::{ObservedPod, ObservedService, PodPhase};
+use crate::model::observed::{ObservedPod, ObservedService};
 use crate::ray::{AutoscalingReport, ClusterState};
 pub use autoscale::gcs_address;
 use conditions::ConditionType;
@@ -83,6 +83,8 @@ pub struct Memory {
     pub unregistered_since: BTreeMap<String, Timestamp>,
     /// Since when the head pod has been running without a fresh answer from its GCS.
     pub gcs_down_since: Option<Timestamp>,
+    /// The head pod whose GCS has answered (only such a head is recovered when its GCS goes silent).
+    pub gcs_answered: Option<String>,
 }
 
 /// Pod creates the API server refused, and when to try again.
@@ -345,17 +347,7 @@ pub fn decide(input: &PassInput<'_>) -> PassDecision {
     // Pods whose Ray is gone while they run count as finished from here on: the plan deletes and
     // replaces them like any finished pod (the head with `autoscalerRetries` + 1).
     let failed = ray_nodes::failures(input, desired, &mut out);
-    let marked: Vec<ObservedPod> = input
-        .pods
-        .iter()
-        .map(|p| {
-            let mut p = p.clone();
-            if failed.iter().any(|(n, _)| *n == p.name) {
-                p.phase = PodPhase::Finished;
-            }
-            p
-        })
-        .collect();
+    let marked = ray_nodes::as_finished(input.pods, &failed);
     let input = &PassInput { pods: &marked, ..*input };
 
     let scaling = autoscale::autoscale(input, desired, &mut out);

@@ -13,7 +13,7 @@ use super::plan::DeleteReason;
 use super::{LogLine, PassDecision, PassEvent, PassInput, autoscale::gcs_address};
 use crate::autoscaler::scale::DrainState;
 use crate::model::desired::{Desired, NodeKind};
-use crate::model::observed::{self, PodPhase};
+use crate::model::observed::{self, ObservedPod, PodPhase};
 use crate::ray::NodeStatus;
 
 fn elapsed(now: Timestamp, since: Timestamp) -> f64 {
@@ -35,6 +35,7 @@ pub(super) fn failures(
     let Some(settings) = &input.settings.autoscaler else {
         out.memory.unregistered_since.clear();
         out.memory.gcs_down_since = None;
+        out.memory.gcs_answered = None;
         return vec![];
     };
     let now = input.now;
@@ -43,10 +44,27 @@ pub(super) fn failures(
     let ray = input.ray.filter(|r| r.addr == addr);
     let snapshot = ray.and_then(|r| r.snapshot);
 
-    // The head: its pod runs, but its GCS has not answered for the grace period.
+    // The head: its pod runs, its GCS answered once, but not for the grace period since. A GCS
+    // that never answered this head is not taken as Ray dying: the operator may be unable to reach
+    // it at all (run outside the cluster without the gcs-address annotation), and recreating the
+    // head every grace period would only destroy a working cluster.
     let head = observed::current_head(input.pods, &desired.head.hash).filter(|h| h.is_running());
+    if let (Some(h), Some(_)) = (head, snapshot) {
+        out.memory.gcs_answered = Some(h.name.clone());
+    }
+    // A new leader's memory is empty: the status it inherits says whether the GCS of this head
+    // was reachable when the last leader wrote it.
+    let answered = |name: &str| {
+        out.memory.gcs_answered.as_deref() == Some(name)
+            || input.cluster.status.as_ref().is_some_and(|s| {
+                s.head_pod_name.as_deref() == Some(name)
+                    && s.conditions.iter().any(|c| {
+                        c.type_ == super::conditions::ConditionType::AutoscalerHealthy.as_str() && c.status == "True"
+                    })
+            })
+    };
     match (head, snapshot) {
-        (Some(h), None) => {
+        (Some(h), None) if answered(&h.name) => {
             let since = *out.memory.gcs_down_since.get_or_insert(now);
             let down = elapsed(now, since);
             if down >= settings.head_gcs_grace.as_secs_f64() {
@@ -57,9 +75,13 @@ pub(super) fn failures(
                 warn(out, "GcsUnreachable", note);
                 failed.push((h.name.clone(), DeleteReason::GcsUnreachable));
                 out.memory.gcs_down_since = None;
+                out.memory.gcs_answered = None;
             }
         }
         _ => out.memory.gcs_down_since = None,
+    }
+    if head.is_none() {
+        out.memory.gcs_answered = None;
     }
 
     let Some(snapshot) = snapshot.filter(|_| head.is_some()) else {
@@ -113,4 +135,17 @@ pub(super) fn next_deadline(input: &PassInput<'_>, memory: &super::Memory) -> Op
     let head = memory.gcs_down_since.map(|s| left(s, settings.head_gcs_grace));
     let workers = memory.unregistered_since.values().map(|s| left(*s, settings.registration_timeout)).min();
     head.into_iter().chain(workers).min()
+}
+
+/// The pods with those of `failed` marked finished (what the rest of the pass sees).
+pub(super) fn as_finished(pods: &[ObservedPod], failed: &[(String, DeleteReason)]) -> Vec<ObservedPod> {
+    pods.iter()
+        .map(|p| {
+            let mut p = p.clone();
+            if failed.iter().any(|(n, _)| *n == p.name) {
+                p.phase = PodPhase::Finished;
+            }
+            p
+        })
+        .collect()
 }

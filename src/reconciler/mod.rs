@@ -188,7 +188,12 @@ fn refusal(
         }
         return false;
     };
-    warn!("{key}: {message}");
+    // One warning per run of refusals; each retry is in the Event's count (and at debug level).
+    if slot.memory.refused.is_none() {
+        warn!("{key}: {message}; retrying with backoff");
+    } else {
+        debug!("{key}: {message}");
+    }
     event(ctx, cluster, &PassEvent { warning: true, reason: "FailedCreate", note: message.clone() });
     pass::create_refused(&mut slot.memory, d, &done.refused, message, now, ctx.settings.autoscaler.is_some());
     true
