@@ -106,7 +106,7 @@ struct MemoryCase {
 }
 
 /// The refusal message the cases use.
-const REFUSED: &str = "the API server refused to create a worker pod(s) of type small (403 Forbidden): exceeded quota";
+const REFUSED: &str = "the API server refused to create a worker pod of type small (403 Forbidden): exceeded quota";
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]

@@ -431,7 +431,7 @@ async fn create_pods(
     let what = match create.worker {
         None if head_recovery => "replacement head pod".to_string(),
         None => "head pod".to_string(),
-        Some(_) => format!("worker pod(s) of type {}", template.type_name),
+        Some(_) => format!("worker pod of type {}", template.type_name),
     };
     let mut names = Vec::new();
     let mut out = Outcome::default();
@@ -456,7 +456,7 @@ async fn create_pods(
     }
     out.created = (!names.is_empty()).then(|| {
         let what = match create.worker {
-            Some(_) => format!("{} {what}", names.len()),
+            Some(_) => format!("{} worker pod(s) of type {}", names.len(), template.type_name),
             None => what.clone(),
         };
         info!("{key}: created {what}: {}", names.join(", "));
