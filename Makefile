@@ -24,3 +24,4 @@ crd:
 	cargo run --quiet -- crd > crds/cluster_crd.yaml
 	cp crds/cluster_crd.yaml deploy/cluster_crd.yaml
 	cp crds/cluster_crd.yaml kustomize/crd/cluster_crd.yaml
+	cp crds/cluster_crd.yaml helm/ray-operator/crds/cluster_crd.yaml

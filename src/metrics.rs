@@ -30,8 +30,19 @@ pub struct Metrics {
     autoscaler_decisions: Family<Labels, Counter>,
     gcs_errors: Counter,
     gcs_calls: Family<Labels, Counter>,
+    clusters: Family<Labels, Gauge<i64, std::sync::atomic::AtomicI64>>,
+    gcs_unreachable: Gauge<i64, std::sync::atomic::AtomicI64>,
+    unschedulable: Gauge<i64, std::sync::atomic::AtomicI64>,
     _unused: AtomicU64,
 }
+
+/// The phases of `ray_operator_clusters`: the status phases (api::Phase::as_str), and `Pending`
+/// for clusters that have none yet (never reconciled, e.g. while no replica leads).
+pub const PHASES: [&str; 5] = ["Pending", "Running", "Updating", "Error", "AutoscalingExceptionRecovery"];
+
+/// `Error::reason()` of the reconciler: created at start so that `rate()` and alerts see the
+/// first error (a series that appears at 1 has no increase to show).
+const RECONCILE_ERROR_REASONS: [&str; 6] = ["forbidden", "conflict", "api_error", "transport", "rejected", "fenced"];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -54,6 +65,12 @@ impl Metrics {
         let autoscaler_decisions = Family::<Labels, Counter>::default();
         let gcs_errors = Counter::default();
         let gcs_calls = Family::<Labels, Counter>::default();
+        let clusters = Family::default();
+        let gcs_unreachable = Gauge::default();
+        let unschedulable = Gauge::default();
+        let start_time = Gauge::<f64, AtomicU64>::default();
+        start_time
+            .set(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()));
         registry.register("reconciles", "Reconcile passes run", reconciles.clone());
         registry.register("reconcile_duration_seconds", "Duration of one reconcile pass", reconcile_duration.clone());
         registry.register("reconcile_errors", "Failed reconcile passes by reason", errors.clone());
@@ -74,6 +91,36 @@ impl Metrics {
         );
         registry.register("gcs_errors", "Failed calls to a Ray head's GCS", gcs_errors.clone());
         registry.register("gcs_calls", "Calls to Ray heads' GCS, by method", gcs_calls.clone());
+        registry.register("clusters", "RayClusters in this replica's cache, by status phase", clusters.clone());
+        registry.register(
+            "clusters_gcs_unreachable",
+            "RayClusters whose AutoscalerHealthy condition is False (the head's GCS cannot be read)",
+            gcs_unreachable.clone(),
+        );
+        registry.register(
+            "pods_unschedulable",
+            "Ray pods the scheduler cannot place (PodScheduled=False, Unschedulable)",
+            unschedulable.clone(),
+        );
+        // Changes on every restart of the process: the restart alert counts them.
+        registry.register("start_time_seconds", "Start time of this process, Unix seconds", start_time);
+        // Every bounded label value known up front, at 0, for the reason given above (the guard
+        // get_or_create returns is dropped at once).
+        let zero = |f: &Family<Labels, Counter>, k: &str, values: &[&str]| {
+            for v in values {
+                drop(f.get_or_create(&label(k, v)));
+            }
+        };
+        zero(&errors, "reason", &RECONCILE_ERROR_REASONS);
+        // pass::Scaled::as_str (metrics is a leaf module: it imports nothing of the operator's).
+        zero(&autoscaler_decisions, "direction", &["up", "down"]);
+        zero(&writes, "target", &["status", "service"]);
+        zero(&created, "kind", &["pod"]);
+        zero(&deleted, "kind", &["pod"]);
+        zero(&gcs_calls, "method", &["GetClusterResourceState", "DrainNode", "ReportAutoscalingState"]);
+        for p in PHASES {
+            drop(clusters.get_or_create(&label("phase", p)));
+        }
         Self {
             registry,
             reconciles,
@@ -88,6 +135,9 @@ impl Metrics {
             autoscaler_decisions,
             gcs_errors,
             gcs_calls,
+            clusters,
+            gcs_unreachable,
+            unschedulable,
             _unused: AtomicU64::new(0),
         }
     }
@@ -137,11 +187,59 @@ impl Metrics {
         self.gcs_calls.get_or_create(&label("method", method)).inc();
     }
 
+    /// Sets the fleet gauges: RayClusters per phase (in [`PHASES`] order), clusters whose GCS
+    /// cannot be read, unschedulable Ray pods.
+    pub fn set_fleet(&self, phases: [i64; PHASES.len()], gcs_unreachable: i64, unschedulable: i64) {
+        for (p, n) in PHASES.iter().zip(phases) {
+            self.clusters.get_or_create(&label("phase", p)).set(n);
+        }
+        self.gcs_unreachable.set(gcs_unreachable);
+        self.unschedulable.set(unschedulable);
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_label_values_start_at_zero_and_fleet_gauges_are_set() {
+        let m = Metrics::new();
+        let text = m.encode();
+        // The names the alerts and the dashboard use (monitoring/, kustomize/components/monitoring).
+        for line in [
+            "ray_operator_reconcile_errors_total{reason=\"forbidden\"} 0",
+            "ray_operator_autoscaler_decisions_total{direction=\"up\"} 0",
+            "ray_operator_api_writes_total{target=\"status\"} 0",
+            "ray_operator_children_created_total{kind=\"pod\"} 0",
+            "ray_operator_gcs_calls_total{method=\"DrainNode\"} 0",
+            "ray_operator_clusters{phase=\"Pending\"} 0",
+            "ray_operator_clusters_gcs_unreachable 0",
+            "ray_operator_pods_unschedulable 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+        let start = text.lines().find_map(|l| l.strip_prefix("ray_operator_start_time_seconds ")).unwrap();
+        assert!(start.parse::<f64>().unwrap() > 1.7e9, "a Unix time: {start}");
+
+        m.set_fleet([1, 2, 0, 3, 0], 4, 5);
+        let text = m.encode();
+        for line in [
+            "ray_operator_clusters{phase=\"Pending\"} 1",
+            "ray_operator_clusters{phase=\"Running\"} 2",
+            "ray_operator_clusters{phase=\"Error\"} 3",
+            "ray_operator_clusters_gcs_unreachable 4",
+            "ray_operator_pods_unschedulable 5",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
     }
 }

@@ -49,12 +49,14 @@ use serde::Deserialize;
 mod decision;
 mod failover;
 mod fairness;
+mod peers;
 mod reaction;
 mod scale;
 
 use decision::decision;
 use failover::failover;
 use fairness::fairness;
+use peers::peers;
 use reaction::reaction;
 use scale::{idle, scale};
 
@@ -78,7 +80,7 @@ struct Args {
     /// Directory for control planes and operator logs (default: a new temp dir).
     #[arg(long)]
     work: Option<PathBuf>,
-    /// Only these benchmarks (comma-separated): scale, idle, fairness, failover, reaction, decision.
+    /// Only these benchmarks (comma-separated): scale, idle, fairness, failover, reaction, decision, peers.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Bin dir of a virtualenv with ray==2.60.0 (e2e/ray-venv), for the decision baseline.
@@ -106,6 +108,20 @@ struct Args {
     /// every size (by default only at N >= 1000 in a full run).
     #[arg(long)]
     diagnose: bool,
+    /// KubeRay build (the directory `e2e/kuberay/build` prints), for the side-by-side benchmark.
+    #[arg(long)]
+    kuberay: Option<PathBuf>,
+    /// Side by side: sizes (default 1000,10000; smoke: 20).
+    #[arg(long, value_delimiter = ',')]
+    peer_sizes: Vec<usize>,
+    /// Side by side: only these contenders ("ray-operator", "plain client", "KubeRay defaults",
+    /// "KubeRay tuned"; default all).
+    #[arg(long, value_delimiter = ',')]
+    peers: Vec<String>,
+    /// Side by side: largest N at which KubeRay's defaults are run (one reconcile at a time at
+    /// QPS 100 takes hours at 10,000).
+    #[arg(long, default_value_t = 1000)]
+    kuberay_defaults_max: usize,
 }
 
 struct Opts {
@@ -325,6 +341,11 @@ struct Cp {
 
 impl Cp {
     fn up(opts: &Opts, name: &str) -> Result<Self> {
+        Self::up_with(opts, name, &[])
+    }
+
+    /// A control plane with extra `e2e/cluster` settings (e.g. `CP_NODES`).
+    fn up_with(opts: &Opts, name: &str, env: &[(&str, String)]) -> Result<Self> {
         // Unique per driver process: a watchdog of an earlier run must never find "its" directory.
         let dir = opts.work.join(format!("{name}-{}", std::process::id()));
         if dir.exists() {
@@ -336,6 +357,7 @@ impl Cp {
             .env("CP_DIR", &dir)
             .env("CP_AUDIT_ALL", "1")
             .env("CP_OWNER_PID", std::process::id().to_string())
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stderr(Stdio::inherit())
             .output()
             .context("run e2e/cluster up")?;
@@ -345,26 +367,22 @@ impl Cp {
         let bin = PathBuf::from(std::fs::read_to_string(dir.join("bindir"))?.trim());
         let cp = Self { kubeconfig: dir.join("admin.kubeconfig"), dir, bin, repo: opts.repo.clone() };
         cp.kubectl_ok(&["apply", "-f", opts.repo.join("crds/cluster_crd.yaml").to_str().unwrap()])?;
-        // Polled, not `kubectl wait --for=condition=established`: that fails ("accessor error:
-        // <nil>") when it runs before the CRD has any status condition.
+        cp.wait_crd_established("rayclusters.cluster.ray.io")?;
+        Ok(cp)
+    }
+
+    /// Polled, not `kubectl wait --for=condition=established`: that fails ("accessor error:
+    /// <nil>") when it runs before the CRD has any status condition.
+    fn wait_crd_established(&self, crd: &str) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
-        while cp
-            .kubectl_ok(&[
-                "get",
-                "crd",
-                "rayclusters.cluster.ray.io",
-                "-o=jsonpath={.status.conditions[?(@.type==\"Established\")].status}",
-            ])
-            .unwrap_or_default()
-            .trim()
-            != "True"
-        {
+        let jsonpath = "-o=jsonpath={.status.conditions[?(@.type==\"Established\")].status}";
+        while self.kubectl_ok(&["get", "crd", crd, jsonpath]).unwrap_or_default().trim() != "True" {
             if Instant::now() > deadline {
-                bail!("the RayCluster CRD is not Established after 60 s");
+                bail!("the CRD {crd} is not Established after 60 s");
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        Ok(cp)
+        Ok(())
     }
 
     fn kubectl_ok(&self, args: &[&str]) -> Result<String> {
@@ -677,14 +695,31 @@ struct Tracker {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// Which pod labels say "this pod belongs to cluster X" and "this is a head" (ours, or KubeRay's).
+struct TrackLabels {
+    cluster: &'static str,
+    kind: &'static str,
+    head: &'static str,
+}
+
+impl TrackLabels {
+    const OURS: Self = Self { cluster: LABEL_CLUSTER, kind: LABEL_NODE_KIND, head: "head" };
+    const KUBERAY: Self = Self { cluster: "ray.io/cluster", kind: "ray.io/node-type", head: "head" };
+}
+
 impl Tracker {
     async fn start(client: &Client, ns: &str) -> Result<Self> {
+        Self::start_with(client, ns, &TrackLabels::OURS).await
+    }
+
+    async fn start_with(client: &Client, ns: &str, labels: &TrackLabels) -> Result<Self> {
         let seen = Arc::new(Mutex::new(Seen::default()));
         let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
         let s = seen.clone();
+        let (l_cluster, l_kind, l_head) = (labels.cluster, labels.kind, labels.head);
         let t1 = tokio::spawn(async move {
             let mut stream =
-                watcher::watcher(pods, watcher::Config::default().labels(LABEL_CLUSTER)).default_backoff().boxed();
+                watcher::watcher(pods, watcher::Config::default().labels(l_cluster)).default_backoff().boxed();
             let mut synced = false;
             while let Some(ev) = stream.next().await {
                 let now = Instant::now();
@@ -694,8 +729,8 @@ impl Tracker {
                         let labels = p.labels();
                         let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
                         let e = g.pods.entry(p.name_any()).or_insert_with(|| PodSeen {
-                            cluster: labels.get(LABEL_CLUSTER).cloned().unwrap_or_default(),
-                            head: labels.get(LABEL_NODE_KIND).map(String::as_str) == Some("head"),
+                            cluster: labels.get(l_cluster).cloned().unwrap_or_default(),
+                            head: labels.get(l_kind).map(String::as_str) == Some(l_head),
                             seen: now,
                             running: None,
                         });
@@ -1093,6 +1128,14 @@ async fn main() -> Result<()> {
             failed_section("5. Reaction: demand in a real Ray head's GCS → worker pod created", &e)
         });
         report.add(5, sec);
+    }
+    if opts.wants("peers") && (!opts.args.only.is_empty() || opts.args.kuberay.is_some()) {
+        log("peers");
+        let sec = peers(&opts).await.unwrap_or_else(|e| {
+            failures += 1;
+            failed_section("7. Side by side: ray-operator, a plain client and KubeRay v1.5.0", &e)
+        });
+        report.add(7, sec);
     }
     report.machine = machine(&opts, ray_version.as_deref());
     report.write()?;

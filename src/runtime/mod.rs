@@ -74,6 +74,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     let ctx = context(&client, &cache, &metrics, fence.clone(), &settings);
 
     tokio::spawn(trim_heap_periodically());
+    tokio::spawn(observe_fleet_periodically(cache.clone(), metrics.clone()));
     let mut signals = Signals::new()?;
     let mut election_alive = true;
     let mut shards: Option<Shards> = None;
@@ -213,6 +214,33 @@ async fn trim_heap_periodically() {
         unsafe {
             libc::malloc_trim(0);
         }
+    }
+}
+
+/// The fleet gauges of /metrics, recounted from the cache every few seconds (cheap: one walk of
+/// the cache, no API calls). Every replica's cache holds the same objects, so standbys report
+/// the same numbers as the leader; dashboards and alerts take the max over replicas.
+async fn observe_fleet_periodically(cache: Arc<Cache>, metrics: Arc<Metrics>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        let mut phases = [0i64; crate::metrics::PHASES.len()];
+        let (mut unreachable, mut unschedulable) = (0i64, 0i64);
+        for key in cache.cluster_keys() {
+            let Some(cluster) = cache.cluster(&key) else { continue };
+            let status = cluster.status.as_ref();
+            let phase = status.and_then(|s| s.phase).map_or("Pending", |p| p.as_str());
+            if let Some(i) = crate::metrics::PHASES.iter().position(|p| *p == phase) {
+                phases[i] += 1;
+            }
+            let autoscaler_down = |s: &crate::api::RayClusterStatus| {
+                s.conditions.iter().any(|c| c.type_ == "AutoscalerHealthy" && c.status == "False")
+            };
+            unreachable += i64::from(status.is_some_and(autoscaler_down));
+            unschedulable +=
+                cache.pods(&key).iter().filter(|p| p.is_live() && p.unschedulable_since.is_some()).count() as i64;
+        }
+        metrics.set_fleet(phases, unreachable, unschedulable);
     }
 }
 

@@ -1,0 +1,590 @@
+//! Benchmark 7: side by side with the peer users choose between (issue 16). ray-operator, the
+//! plain-client baseline and KubeRay v1.5.0 (its defaults and tuned) each bring N clusters (head +
+//! 2 workers, the same container resources) to all pods existing, on a fresh control plane of its
+//! own, in two scenarios:
+//!
+//! - *live*: the operator runs and N clusters are created through the API (as section 1);
+//! - *backlog*: N clusters exist before the operator starts; the clock starts when its process
+//!   starts (what an operator restart after an outage costs).
+//!
+//! KubeRay is built from the Go module proxy by `e2e/kuberay/build` (cached) and runs as a local
+//! process, never as an image; its CRDs come from the same module, applied server-side.
+
+use super::*;
+
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+
+/// Who brings the clusters up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Contender {
+    Ours,
+    Baseline,
+    KubeRayDefaults,
+    KubeRayTuned,
+}
+
+impl Contender {
+    const ALL: [Contender; 4] = [Self::Ours, Self::Baseline, Self::KubeRayDefaults, Self::KubeRayTuned];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Ours => "ray-operator",
+            Self::Baseline => "plain client",
+            Self::KubeRayDefaults => "KubeRay defaults",
+            Self::KubeRayTuned => "KubeRay tuned",
+        }
+    }
+
+    fn kuberay(self) -> bool {
+        matches!(self, Self::KubeRayDefaults | Self::KubeRayTuned)
+    }
+
+    /// The flags KubeRay is run with. Defaults are its own (`--reconcile-concurrency 1`, QPS 100,
+    /// burst 200); tuned is what its scale docs use. Never worse than its docs allow.
+    fn kuberay_flags(self) -> &'static [&'static str] {
+        match self {
+            Self::KubeRayTuned => &["--reconcile-concurrency", "10", "--qps", "1000", "--burst", "2000"],
+            _ => &[],
+        }
+    }
+
+    /// The part of its user agent that tells its requests apart in the audit log.
+    fn agent_tag(self) -> &'static str {
+        match self {
+            Self::Ours => "(bench-op)",
+            Self::Baseline => "(bench-baseline)",
+            // controller-runtime's client as KubeRay configures it: `kuberay-operator/<version>`.
+            Self::KubeRayDefaults | Self::KubeRayTuned => "kuberay-operator/",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scenario {
+    Live,
+    Backlog,
+}
+
+impl Scenario {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Live => "live",
+            Self::Backlog => "backlog",
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+struct PeerRun {
+    /// From the clock's start (first create / process start) until all 3N pods were seen.
+    pods_s: f64,
+    /// Until all 3N pods were Running.
+    running_s: f64,
+    peak_rss: f64,
+    settled_rss: f64,
+    cpu_s: f64,
+    cp_cpu_s: f64,
+    requests: ReqCounts,
+}
+
+/// KubeRay's RayCluster (ray.io/v1) equivalent to `deploy/example_cluster.yaml`: a head and one
+/// group of two workers, with the same container resources, ports, volume and image.
+fn kuberay_cluster(name: &str) -> Result<DynamicObject> {
+    let container = |name: &str, ports: bool| {
+        let mut c = serde_json::json!({
+            "name": name,
+            "image": "rayproject/ray:nightly",
+            "resources": {"requests": {"cpu": "1000m", "memory": "512Mi"}, "limits": {"memory": "512Mi"}},
+            "volumeMounts": [{"mountPath": "/dev/shm", "name": "dshm"}],
+        });
+        if ports {
+            c["ports"] = serde_json::json!([
+                {"containerPort": 6379, "name": "gcs"},
+                {"containerPort": 10001, "name": "client"},
+                {"containerPort": 8265, "name": "dashboard"},
+            ]);
+        }
+        c
+    };
+    let template = |c: serde_json::Value| serde_json::json!({"spec": {"containers": [c], "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]}});
+    Ok(serde_json::from_value(serde_json::json!({
+        "apiVersion": "ray.io/v1",
+        "kind": "RayCluster",
+        "metadata": {"name": name},
+        "spec": {
+            "headGroupSpec": {"rayStartParams": {}, "template": template(container("ray-head", true))},
+            "workerGroupSpecs": [{
+                "groupName": "worker-node",
+                "replicas": 2, "minReplicas": 2, "maxReplicas": 3,
+                "rayStartParams": {},
+                "template": template(container("ray-worker", false)),
+            }],
+        },
+    }))?)
+}
+
+fn kuberay_api(client: &Client, ns: &str) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk("ray.io", "v1", "RayCluster");
+    Api::namespaced_with(client.clone(), ns, &ApiResource::from_gvk_with_plural(&gvk, "rayclusters"))
+}
+
+/// KubeRay as a local process (its manager: leader election on, as deployed, metrics and probes on
+/// loopback ports).
+struct KubeRayProc {
+    child: Child,
+    probe: u16,
+    log: PathBuf,
+}
+
+impl KubeRayProc {
+    fn start(opts: &Opts, cp: &Cp, flags: &[&str]) -> Result<Self> {
+        let dir = opts.args.kuberay.as_ref().ok_or_else(|| anyhow!("--kuberay DIR (e2e/kuberay/build) is not set"))?;
+        let (metrics, probe) = (free_port(), free_port());
+        let log = opts.work.join(format!("kuberay-{}.log", k8s_openapi::jiff::Timestamp::now().as_millisecond()));
+        let file = std::fs::File::create(&log)?;
+        let child = Command::new(dir.join("bin/ray-operator-kuberay"))
+            .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
+            .args(["--health-probe-bind-address", &format!("127.0.0.1:{probe}")])
+            .args(["--leader-election-namespace", OPERATOR_NS])
+            .args(flags)
+            .env("KUBECONFIG", &cp.kubeconfig)
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .context("start KubeRay")?;
+        Ok(Self { child, probe, log })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    async fn wait_ready(&self) -> Result<()> {
+        poll(Duration::from_secs(60), "KubeRay /readyz", || async {
+            let url = format!("127.0.0.1:{}", self.probe);
+            let mut s = tokio::net::TcpStream::connect(&url).await.ok()?;
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            s.write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await.ok()?;
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).await.ok()?;
+            String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200").then_some(())
+        })
+        .await
+        .with_context(|| format!("KubeRay log:\n{}", tail(&self.log, 20)))
+    }
+}
+
+impl Drop for KubeRayProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The running contender (kept alive for the run's duration).
+enum Running {
+    Ours(OpProc),
+    KubeRay(KubeRayProc),
+    Baseline(tokio::task::JoinHandle<Result<()>>),
+}
+
+impl Running {
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Self::Ours(p) => Some(p.pid()),
+            Self::KubeRay(p) => Some(p.pid()),
+            Self::Baseline(_) => None,
+        }
+    }
+}
+
+/// Control plane for `n` clusters: kwok nodes with room for all 3n pods of 1 CPU each (a node
+/// holds 4,000 CPUs and 5,000 pods).
+fn control_plane(opts: &Opts, name: &str, n: usize, kuberay: bool) -> Result<Cp> {
+    let nodes = (3 * n).div_ceil(4000).max(2);
+    let cp = Cp::up_with(opts, name, &[("CP_NODES", nodes.to_string())])?;
+    if kuberay {
+        let dir = opts.args.kuberay.as_ref().ok_or_else(|| anyhow!("--kuberay DIR is not set"))?;
+        // Server-side: the CRDs are too large for the last-applied annotation of a client-side apply.
+        cp.kubectl_ok(&["apply", "--server-side", "-f", dir.join("crd").to_str().unwrap_or_default()])?;
+        for crd in ["rayclusters.ray.io", "rayjobs.ray.io", "rayservices.ray.io"] {
+            cp.wait_crd_established(crd)?;
+        }
+    }
+    Ok(cp)
+}
+
+/// Creates the N clusters (the contender's kind) with `concurrency` requests in flight.
+async fn create_clusters(opts: &Opts, client: &Client, n: usize, kuberay: bool) -> Result<()> {
+    if kuberay {
+        let api = kuberay_api(client, "bench");
+        futures::stream::iter(0..n)
+            .map(|i| {
+                let api = api.clone();
+                async move {
+                    api.create(&PostParams::default(), &kuberay_cluster(&format!("rc-{i:05}"))?).await?;
+                    anyhow::Ok(())
+                }
+            })
+            .buffer_unordered(opts.args.concurrency)
+            .try_collect::<Vec<_>>()
+            .await?;
+    } else {
+        let base = example_cluster(&opts.repo)?;
+        let rcs: Api<RayCluster> = Api::namespaced(client.clone(), "bench");
+        futures::stream::iter(0..n)
+            .map(|i| {
+                let rcs = rcs.clone();
+                let rc = cluster(&base, &format!("rc-{i:05}"), 2);
+                async move {
+                    rcs.create(&PostParams::default(), &rc?).await?;
+                    anyhow::Ok(())
+                }
+            })
+            .buffer_unordered(opts.args.concurrency)
+            .try_collect::<Vec<_>>()
+            .await?;
+    }
+    Ok(())
+}
+
+/// The plain client's work for the backlog: list the RayClusters once, then for each the same head
+/// Service (server-side apply) and three pods the operator would make, `concurrency` in flight.
+async fn baseline_backlog(client: Client, concurrency: usize) -> Result<()> {
+    let rcs: Api<RayCluster> = Api::namespaced(client.clone(), "bench");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "bench");
+    let svcs: Api<Service> = Api::namespaced(client.clone(), "bench");
+    let pp = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+    let list = rcs.list(&ListParams::default()).await?;
+    futures::stream::iter(list.items)
+        .map(|rc| {
+            let (pods, svcs, pp) = (pods.clone(), svcs.clone(), pp.clone());
+            async move { baseline_children(&rc, &pods, &svcs, &pp).await }
+        })
+        .buffer_unordered(concurrency)
+        .try_collect::<Vec<_>>()
+        .await?;
+    Ok(())
+}
+
+/// What the plain client makes for one RayCluster (as `scale`'s baseline does).
+async fn baseline_children(rc: &RayCluster, pods: &Api<Pod>, svcs: &Api<Service>, pp: &PostParams) -> Result<()> {
+    let d = desired(rc).map_err(|e| anyhow!("{e}"))?;
+    let mut svc = d.service.clone();
+    svc.metadata.labels.get_or_insert_with(BTreeMap::new).insert(LABEL_LAUNCH_HASH.into(), d.service_hash.clone());
+    let mut value = serde_json::to_value(&svc)?;
+    value["apiVersion"] = "v1".into();
+    value["kind"] = "Service".into();
+    let name = svc.name_any();
+    let worker = &d.workers[0].pod;
+    let apply = PatchParams::apply(FIELD_MANAGER).force();
+    let body = Patch::Apply(&value);
+    let (s, h, w1, w2) = tokio::join!(
+        svcs.patch(&name, &apply, &body),
+        pods.create(pp, &d.head.pod),
+        pods.create(pp, worker),
+        pods.create(pp, worker)
+    );
+    s?;
+    h?;
+    w1?;
+    w2?;
+    Ok(())
+}
+
+/// The plain client's work in the live scenario: create each RayCluster, then its children.
+async fn baseline_live(client: Client, base: serde_json::Value, n: usize, concurrency: usize) -> Result<()> {
+    let rcs: Api<RayCluster> = Api::namespaced(client.clone(), "bench");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "bench");
+    let svcs: Api<Service> = Api::namespaced(client.clone(), "bench");
+    let pp = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let (rcs, pods, svcs, pp) = (rcs.clone(), pods.clone(), svcs.clone(), pp.clone());
+            let rc = cluster(&base, &format!("rc-{i:05}"), 2);
+            async move {
+                let created = rcs.create(&PostParams::default(), &rc?).await?;
+                baseline_children(&created, &pods, &svcs, &pp).await
+            }
+        })
+        .buffer_unordered(concurrency)
+        .try_collect::<Vec<_>>()
+        .await?;
+    Ok(())
+}
+
+async fn peer_run(opts: &Opts, who: Contender, scenario: Scenario, n: usize) -> Result<PeerRun> {
+    let tag = format!("peers-{}-{}-{n}", scenario.label(), who.label().replace(' ', "-").to_lowercase());
+    let cp = control_plane(opts, &tag, n, who.kuberay())?;
+    let driver = cp.client("ray-operator-bench/driver (bench-driver)").await?;
+    create_namespace(&driver, OPERATOR_NS).await?;
+    create_namespace(&driver, "bench").await?;
+    let tracker = if who.kuberay() {
+        Tracker::start_with(&driver, "bench", &TrackLabels::KUBERAY).await?
+    } else {
+        Tracker::start(&driver, "bench").await?
+    };
+    if scenario == Scenario::Backlog {
+        log(format!("peers N={n} {}: creating the backlog", scenario.label()));
+        create_clusters(opts, &driver, n, who.kuberay()).await?;
+        // Let the API server finish its own work on the creates before the clock starts.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+
+    let start = |cp: &Cp| -> Result<Running> {
+        Ok(match who {
+            Contender::Ours => Running::Ours(OpProc::start(opts, cp, "bench-op", OPERATOR_NS, &[])?),
+            Contender::KubeRayDefaults | Contender::KubeRayTuned => {
+                Running::KubeRay(KubeRayProc::start(opts, cp, who.kuberay_flags())?)
+            }
+            Contender::Baseline => unreachable!("the baseline is started by the scenario"),
+        })
+    };
+    log(format!("peers N={n} {}: {}", scenario.label(), who.label()));
+    let cp_cpu0 = cp.cpu_s();
+    let sys0 = SystemTime::now();
+    let (t0, running) = match scenario {
+        Scenario::Live => {
+            // The operator is up (and leading) before the clock starts, as in section 1.
+            let running = match who {
+                Contender::Baseline => None,
+                _ => {
+                    let r = start(&cp)?;
+                    match &r {
+                        Running::Ours(p) => {
+                            p.wait_ready().await?;
+                            p.wait_leader().await?;
+                        }
+                        Running::KubeRay(p) => p.wait_ready().await?,
+                        Running::Baseline(_) => {}
+                    }
+                    Some(r)
+                }
+            };
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let t0 = Instant::now();
+            let running = match running {
+                Some(r) => {
+                    create_clusters(opts, &driver, n, who.kuberay()).await?;
+                    r
+                }
+                None => {
+                    let client = cp.client("ray-operator-bench/baseline (bench-baseline)").await?;
+                    let base = example_cluster(&opts.repo)?;
+                    Running::Baseline(tokio::spawn(baseline_live(client, base, n, opts.args.concurrency)))
+                }
+            };
+            (t0, running)
+        }
+        Scenario::Backlog => {
+            let t0 = Instant::now();
+            let running = match who {
+                Contender::Baseline => {
+                    let client = cp.client("ray-operator-bench/baseline (bench-baseline)").await?;
+                    Running::Baseline(tokio::spawn(baseline_backlog(client, opts.args.concurrency)))
+                }
+                _ => start(&cp)?,
+            };
+            (t0, running)
+        }
+    };
+    let cpu0 = running.pid().and_then(proc_stats).unwrap_or_default();
+    let timeout = opts.scale_timeout(n) * 3;
+    let t_pods = tracker.wait(timeout, "all pods", |s| s.pods_seen_at(3 * n, |_| true)).await?;
+    let t_running = tracker.wait(timeout, "all pods Running", |s| s.pods_running_at(3 * n)).await?;
+    if let Running::Baseline(h) = running {
+        h.await??;
+        return finish(opts, &cp, who, None, cp_cpu0, sys0, t0, t_pods, t_running, cpu0).await;
+    }
+    finish(opts, &cp, who, Some(running), cp_cpu0, sys0, t0, t_pods, t_running, cpu0).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn finish(
+    opts: &Opts,
+    cp: &Cp,
+    who: Contender,
+    running: Option<Running>,
+    cp_cpu0: f64,
+    sys0: SystemTime,
+    t0: Instant,
+    t_pods: Instant,
+    t_running: Instant,
+    cpu0: ProcStats,
+) -> Result<PeerRun> {
+    log(format!(
+        "  {}: all pods {:.1} s, all pods Running {:.1} s",
+        who.label(),
+        (t_pods - t0).as_secs_f64(),
+        (t_running - t0).as_secs_f64()
+    ));
+    // Settle: trailing status writes.
+    tokio::time::sleep(Duration::from_secs(if opts.smoke() { 2 } else { 10 })).await;
+    let sys1 = SystemTime::now();
+    let after = match running.as_ref().and_then(Running::pid) {
+        Some(pid) => proc_stats(pid).ok_or_else(|| anyhow!("{} exited during the run", who.label()))?,
+        None => ProcStats::default(),
+    };
+    let reqs = cp.requests(who.agent_tag())?;
+    drop(running);
+    Ok(PeerRun {
+        pods_s: (t_pods - t0).as_secs_f64(),
+        running_s: (t_running - t0).as_secs_f64(),
+        peak_rss: after.hwm_mib,
+        settled_rss: after.rss_mib,
+        cpu_s: after.cpu_s - cpu0.cpu_s,
+        cp_cpu_s: cp.cpu_s() - cp_cpu0,
+        requests: ReqCounts::of(&reqs, sys0, sys1),
+    })
+}
+
+pub(super) async fn peers(opts: &Opts) -> Result<Section> {
+    let sizes = if opts.args.peer_sizes.is_empty() {
+        if opts.smoke() { vec![20] } else { vec![1000, 10000] }
+    } else {
+        opts.args.peer_sizes.clone()
+    };
+    let contenders: Vec<Contender> = Contender::ALL
+        .into_iter()
+        .filter(|c| opts.args.peers.is_empty() || opts.args.peers.iter().any(|p| p == c.label()))
+        .collect();
+    let mut sec = Section::new("7. Side by side: ray-operator, a plain client and KubeRay v1.5.0", &[]);
+    let mut header = vec!["N".to_string(), "scenario".into(), "figure".into()];
+    header.extend(contenders.iter().map(|c| c.label().to_string()));
+    header.extend(["ours ÷ KubeRay tuned".to_string(), "target".into(), String::new()]);
+    sec.header = header;
+    sec.method = vec![
+        "Every contender gets a fresh control plane of its own (kwok nodes with room for all pods) and brings N \
+         clusters (head + 2 workers, 1 CPU / 512 Mi each) to all pods existing. *live*: the operator is up and \
+         leading, then N clusters are created with 32 requests in flight; the clock starts at the first create. \
+         *backlog*: the N clusters exist before the operator starts; the clock starts when its process starts. \
+         ray-operator: one leader-elected replica, default flags. Plain client: the benchmark process making only \
+         the Service and the three pods per cluster (live: also the RayCluster creates). KubeRay: v1.5.0 built from \
+         the Go module proxy (`e2e/kuberay/build`), a local process with leader election, its CRDs applied \
+         server-side; defaults (`--reconcile-concurrency 1`, QPS 100, burst 200) and tuned \
+         (`--reconcile-concurrency 10 --qps 1000 --burst 2000`). RSS is VmHWM (peak) and VmRSS 10 s after all pods \
+         Running (settled); API requests from the audit log by user agent."
+            .into(),
+        "\"ours ÷ KubeRay tuned\": for times, KubeRay's ÷ ours (above 1 = we are faster); for RSS, KubeRay's ÷ ours \
+         (how many times smaller we are)."
+            .into(),
+    ];
+    for &n in &sizes {
+        for scenario in [Scenario::Live, Scenario::Backlog] {
+            let mut runs: Vec<(Contender, Option<PeerRun>)> = Vec::new();
+            for &who in &contenders {
+                // KubeRay's defaults take hours at 10,000 (1 reconcile at a time at QPS 100).
+                if who == Contender::KubeRayDefaults && n > opts.args.kuberay_defaults_max {
+                    runs.push((who, None));
+                    continue;
+                }
+                match peer_run(opts, who, scenario, n).await {
+                    Ok(r) => runs.push((who, Some(r))),
+                    Err(e) => {
+                        log(format!("peers N={n} {}: {} FAILED: {e:#}", scenario.label(), who.label()));
+                        sec.notes.push(format!(
+                            "N = {n}, {}, {}: **failed**: `{}`",
+                            scenario.label(),
+                            who.label(),
+                            format!("{e:#}").replace('`', "'")
+                        ));
+                        runs.push((who, None));
+                    }
+                }
+            }
+            peer_rows(&mut sec, n, scenario, &runs);
+        }
+    }
+    Ok(sec)
+}
+
+fn peer_rows(sec: &mut Section, n: usize, scenario: Scenario, runs: &[(Contender, Option<PeerRun>)]) {
+    let get = |c: Contender| runs.iter().find(|(w, _)| *w == c).and_then(|(_, r)| r.as_ref());
+    let ours = get(Contender::Ours);
+    let tuned = get(Contender::KubeRayTuned);
+    let base = get(Contender::Baseline);
+    // (figure, value, unit, precision, applies to the baseline, how to compare with KubeRay)
+    #[derive(Clone, Copy)]
+    enum Cmp {
+        /// Smaller is better: KubeRay's ÷ ours.
+        TheirsOverOurs,
+        None,
+    }
+    type Figure<'a> = (&'a str, &'a dyn Fn(&PeerRun) -> f64, &'a str, usize, bool, Cmp);
+    let writes = |r: &PeerRun| r.requests.writes() as f64 / n as f64;
+    let figures: [Figure<'_>; 9] = [
+        ("all pods exist", &|r| r.pods_s, "s", 1, true, Cmp::TheirsOverOurs),
+        ("all pods Running", &|r| r.running_s, "s", 1, true, Cmp::TheirsOverOurs),
+        ("pods per second", &|r| 3.0 * n as f64 / r.pods_s.max(1e-9), "/s", 0, true, Cmp::None),
+        ("peak RSS", &|r| r.peak_rss, "MiB", 1, false, Cmp::TheirsOverOurs),
+        ("settled RSS", &|r| r.settled_rss, "MiB", 1, false, Cmp::TheirsOverOurs),
+        ("CPU (user+system)", &|r| r.cpu_s, "s", 1, false, Cmp::TheirsOverOurs),
+        (
+            "API requests per cluster (non-watch)",
+            &|r| r.requests.non_watch() as f64 / n as f64,
+            "",
+            2,
+            true,
+            Cmp::TheirsOverOurs,
+        ),
+        ("API writes per cluster", &writes, "", 2, true, Cmp::TheirsOverOurs),
+        ("control-plane CPU", &|r| r.cp_cpu_s, "s", 1, true, Cmp::TheirsOverOurs),
+    ];
+    for (figure, f, unit, prec, with_base, cmp) in figures {
+        let mut cells = vec![n.to_string(), scenario.label().to_string(), figure.to_string()];
+        for (who, r) in runs {
+            cells.push(match r {
+                Some(r) if with_base || *who != Contender::Baseline => {
+                    format!("{:.prec$} {unit}", f(r)).trim().to_string()
+                }
+                Some(_) => "—".into(),
+                None if *who == Contender::KubeRayDefaults => "not run (hours at this N)".into(),
+                None => "failed".into(),
+            });
+        }
+        cells.push(match (cmp, ours, tuned) {
+            (Cmp::TheirsOverOurs, Some(o), Some(t)) => format!("{:.2}", f(t) / f(o).max(1e-9)),
+            _ => "—".into(),
+        });
+        let (target, met) = match figure {
+            "all pods exist" => {
+                ("ahead of KubeRay tuned".to_string(), ours.zip(tuned).map(|(o, t)| o.pods_s < t.pods_s))
+            }
+            "peak RSS" if n >= 10000 => (
+                "≤ 128 MiB; ≥ 3× smaller than KubeRay tuned".to_string(),
+                ours.zip(tuned).map(|(o, t)| o.peak_rss <= 128.0 && t.peak_rss / o.peak_rss >= 3.0),
+            ),
+            "peak RSS" => (
+                "≥ 3× smaller than KubeRay tuned".to_string(),
+                ours.zip(tuned).map(|(o, t)| t.peak_rss / o.peak_rss >= 3.0),
+            ),
+            "API writes per cluster" if scenario == Scenario::Live => {
+                ("≤ 6 (ours)".to_string(), ours.map(|o| writes(o) <= 6.0))
+            }
+            _ => ("—".to_string(), None),
+        };
+        cells.push(target);
+        cells.push(verdict(met).to_string());
+        sec.row(cells);
+    }
+    // The plain client is what the API server allows: our speed as a share of it.
+    let share = ours.zip(base).map(|(o, b)| b.pods_s / o.pods_s.max(1e-9));
+    let mut cells =
+        vec![n.to_string(), scenario.label().to_string(), "all pods exist: plain client's time ÷ ours".into()];
+    for (who, _) in runs {
+        cells.push(match (who, share) {
+            (Contender::Ours, Some(x)) => format!("{x:.2}"),
+            _ => "—".into(),
+        });
+    }
+    cells.push("—".into());
+    let judged = n >= 1000;
+    cells.push(if judged { "≥ 0.95".into() } else { "—".into() });
+    cells.push(verdict(share.filter(|_| judged).map(|x| x >= 0.95)).to_string());
+    sec.row(cells);
+    for (who, r) in runs {
+        if let Some(r) = r {
+            sec.notes.push(format!("N = {n}, {}, {}: {}.", scenario.label(), who.label(), r.requests.summary()));
+        }
+    }
+}
