@@ -13,8 +13,8 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ListParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use ray_operator::api::RayCluster;
-use ray_operator::ray::{ClusterState, GcsClient, NodeStatus};
-use support::ray::{RayProcs, free_ports, ray_bin};
+use ray_operator::ray::{GcsClient, NodeStatus};
+use support::ray::{RayProcs, free_ports, ray_bin, state};
 use support::*;
 
 fn manifest(name: &str, gcs: &str) -> String {
@@ -63,11 +63,6 @@ async fn condition(client: &Client, ns: &str, name: &str) -> Option<(String, Str
     let s = api.get(name).await.ok()?.status?;
     let c = s.conditions.into_iter().find(|c| c.type_ == "AutoscalerHealthy")?;
     Some((c.status, c.reason))
-}
-
-async fn state(gcs: &str) -> Option<ClusterState> {
-    let mut c = GcsClient::connect(gcs, Duration::from_secs(2)).await.ok()?;
-    c.get_cluster_resource_state().await.ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

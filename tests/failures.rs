@@ -15,8 +15,8 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use ray_operator::api::{Phase, RayCluster, RayClusterStatus};
-use ray_operator::ray::{ClusterState, GcsClient, NodeStatus};
-use support::ray::{RayProcs, free_ports, ray_bin};
+use ray_operator::ray::NodeStatus;
+use support::ray::{RayProcs, free_ports, ray_bin, state};
 use support::*;
 
 /// A head and `workers` workers of type cpu4 (minWorkers = maxWorkers = `workers`).
@@ -225,11 +225,6 @@ fn kill_with_env(entry: &str) {
             let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
         }
     }
-}
-
-async fn state(gcs: &str) -> Option<ClusterState> {
-    let mut c = GcsClient::connect(gcs, Duration::from_secs(2)).await.ok()?;
-    c.get_cluster_resource_state().await.ok()
 }
 
 async fn events_with_reason(client: &Client, ns: &str, reason: &str) -> Vec<Event> {

@@ -4,6 +4,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use ray_operator::ray::{ClusterState, GcsClient};
 
 /// Two 4-CPU tasks the 1-CPU head cannot run: demand for the autoscaler.
 const DRIVER: &str = include_str!("../fixtures/ray/demand_driver.py");
@@ -127,4 +130,10 @@ impl Drop for RayProcs {
         // Raylets and GCS may have forked into other groups under the temp dir; stop stragglers.
         let _ = Command::new("pkill").args(["-9", "-f", &self.dir.path().display().to_string()]).status();
     }
+}
+
+/// The GCS's cluster resource state (nodes, demand), if it answers.
+pub async fn state(gcs: &str) -> Option<ClusterState> {
+    let mut c = GcsClient::connect(gcs, Duration::from_secs(2)).await.ok()?;
+    c.get_cluster_resource_state().await.ok()
 }
