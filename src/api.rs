@@ -245,7 +245,7 @@ pub struct RayClusterStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Ready, HeadReady and AutoscalerHealthy conditions.
+    /// Ready, HeadReady, AutoscalerHealthy and (while pod creates are refused) ReplicaFailure conditions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// Desired and ready pod counts per worker type.
@@ -263,6 +263,75 @@ pub struct RayClusterStatus {
     /// Human-readable explanation when something is wrong.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+impl RayClusterStatus {
+    /// Every field of the status as serialized, for [`RayClusterStatus::merge_patch`].
+    const FIELDS: [&'static str; 9] = [
+        "phase",
+        "autoscalerRetries",
+        "observedGeneration",
+        "conditions",
+        "podTypes",
+        "workers",
+        "headPodName",
+        "headServiceName",
+        "message",
+    ];
+
+    /// The JSON merge patch that makes the stored status exactly this one: a field this status
+    /// omits is sent as `null`, which deletes it (a merge patch never removes a field it does not
+    /// name, so a `message` once written would otherwise outlive the problem it described).
+    /// Chosen over a server-side apply of the status: apply removes only fields its own manager
+    /// applied before, and every status written so far was a merge patch (an Update), so the stale
+    /// fields of existing clusters would stay.
+    pub fn merge_patch(&self) -> serde_json::Value {
+        let mut status = serde_json::to_value(self).unwrap_or_default();
+        if let Some(obj) = status.as_object_mut() {
+            for f in Self::FIELDS {
+                obj.entry(f).or_insert(serde_json::Value::Null);
+            }
+        }
+        serde_json::json!({ "status": status })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_merge_patch_names_every_field_and_nulls_the_absent_ones() {
+        let full = RayClusterStatus {
+            phase: Some(Phase::Running),
+            autoscaler_retries: 1,
+            observed_generation: Some(1),
+            conditions: vec![Condition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                reason: "R".into(),
+                message: "m".into(),
+                observed_generation: None,
+                last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+                ),
+            }],
+            pod_types: vec![Default::default()],
+            workers: Some("1/1".into()),
+            head_pod_name: Some("h".into()),
+            head_service_name: Some("s".into()),
+            message: Some("m".into()),
+        };
+        let json = serde_json::to_value(&full).unwrap();
+        let mut keys: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut fields = RayClusterStatus::FIELDS.to_vec();
+        keys.sort();
+        fields.sort();
+        assert_eq!(keys, fields, "FIELDS lists every serialized field");
+        let patch = RayClusterStatus::default().merge_patch();
+        assert_eq!(patch["status"]["message"], serde_json::Value::Null);
+        assert!(patch["status"].as_object().unwrap().contains_key("message"));
+    }
 }
 
 /// Lifecycle phase of a RayCluster.

@@ -100,6 +100,20 @@ pub struct RunArgs {
     #[arg(long, env = "RAY_OPERATOR_GCS_TIMEOUT", value_parser = parse_seconds, default_value = "2")]
     pub gcs_timeout: Duration,
 
+    /// A running worker pod whose Ray node has not registered in the GCS after this long is
+    /// deleted and replaced (with a Warning Event). The default is Ray's own wait for a launched
+    /// node to come up (AUTOSCALER_NODE_START_WAIT_S, 900 s); it counts from the pod running, so
+    /// scheduling and image pulls are not in it. Needs the autoscaler (it alone reads the GCS).
+    #[arg(long, env = "RAY_OPERATOR_WORKER_REGISTRATION_TIMEOUT", value_parser = parse_seconds, default_value = "900")]
+    pub worker_registration_timeout: Duration,
+
+    /// A head pod that runs while its GCS has not answered for this long is deleted and recreated
+    /// (autoscalerRetries + 1). The default matches how long Ray's raylets wait for a lost GCS
+    /// before they exit (gcs_rpc_server_reconnect_timeout_s, 60 s): after that the cluster is gone
+    /// anyway. Needs the autoscaler.
+    #[arg(long, env = "RAY_OPERATOR_HEAD_GCS_GRACE", value_parser = parse_seconds, default_value = "60")]
+    pub head_gcs_grace: Duration,
+
     /// Disable the autoscaler: every worker type is kept at its minWorkers.
     #[arg(long, env = "RAY_OPERATOR_NO_AUTOSCALER")]
     pub no_autoscaler: bool,
@@ -178,6 +192,8 @@ impl RunArgs {
                 interval: self.autoscaler_interval,
                 timeout: self.gcs_timeout,
                 gcs_address_annotation: self.allow_gcs_address_annotation,
+                registration_timeout: self.worker_registration_timeout,
+                head_gcs_grace: self.head_gcs_grace,
             }),
             unschedulable_timeout: self.unschedulable_timeout,
             health_addr: self.health_addr,

@@ -200,11 +200,16 @@ async fn invalid_clusters_are_rejected_or_reported_and_valid_ones_keep_working()
     assert_eq!(count(&op.logs()), before, "no retry storm on invalid input");
     assert!(!op.logs().contains("panicked"));
 
-    // Fixing the spec clears the error.
+    // Fixing the spec clears the error, message included (a merge patch that merely omits a
+    // field leaves it in place: the status is written with explicit nulls).
+    let s = api.get("image-not-a-string").await.unwrap().status.unwrap();
+    assert!(s.message.as_deref().is_some_and(|m| m.contains("image")), "the error has a message: {s:?}");
     let fixed = base("image-not-a-string");
     apply_yaml(&ns.name, &serde_json::to_string(&fixed).unwrap());
-    wait_until(Duration::from_secs(60), "fixed cluster Running", || async {
-        (api.get("image-not-a-string").await.ok()?.status?.phase == Some(Phase::Running)).then_some(())
+    let s = wait_until(Duration::from_secs(60), "fixed cluster Running", || async {
+        let s = api.get("image-not-a-string").await.ok()?.status?;
+        (s.phase == Some(Phase::Running)).then_some(s)
     })
     .await;
+    assert_eq!(s.message, None, "status.message is gone once the spec is fixed: {s:?}");
 }

@@ -91,7 +91,22 @@ struct MemoryCase {
     /// Seconds from now.
     #[serde(default)]
     status_due_in: Option<i64>,
+    /// Pod creates were refused; the next try is due in this many seconds (negative: overdue).
+    #[serde(default)]
+    refused_retry_in: Option<i64>,
+    /// Running worker pods seen without a Ray node, for this many seconds.
+    #[serde(default)]
+    unregistered_for: BTreeMap<String, i64>,
+    /// The head's GCS has not answered for this many seconds.
+    #[serde(default)]
+    gcs_down_for: Option<i64>,
+    /// The head pod whose GCS answered before.
+    #[serde(default)]
+    gcs_answered: Option<String>,
 }
+
+/// The refusal message the cases use.
+const REFUSED: &str = "the API server refused to create a worker pod of type small (403 Forbidden): exceeded quota";
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -124,6 +139,12 @@ struct Expect {
     scaled: Option<String>,
     rejected: Option<bool>,
     status_due: Option<bool>,
+    /// Whether pod creates are (still) remembered as refused.
+    refused: Option<bool>,
+    /// Pods whose registration timer runs after the pass.
+    unregistered: Option<Vec<String>>,
+    /// Whether the head's GCS timer runs after the pass.
+    gcs_down: Option<bool>,
 }
 
 fn some<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<Value>>, D::Error> {
@@ -209,9 +230,13 @@ fn world_of(case: &Case) -> World {
             "current" => pass::spec_fingerprint(&w.cluster),
             other => other.to_string(),
         });
-        w.memory.status_due = m
-            .status_due_in
-            .map(|s| w.now.checked_add(k8s_openapi::jiff::SignedDuration::from_secs(s)).expect("timestamp"));
+        let at = |s: i64| w.now.checked_add(k8s_openapi::jiff::SignedDuration::from_secs(s)).expect("timestamp");
+        w.memory.status_due = m.status_due_in.map(at);
+        w.memory.refused =
+            m.refused_retry_in.map(|s| pass::Refusal { attempts: 1, retry_at: at(s), message: REFUSED.into() });
+        w.memory.unregistered_since = m.unregistered_for.iter().map(|(p, s)| (p.clone(), at(-s))).collect();
+        w.memory.gcs_down_since = m.gcs_down_for.map(|s| at(-s));
+        w.memory.gcs_answered = m.gcs_answered.clone();
     }
     w
 }
@@ -325,6 +350,16 @@ fn check(case: &Case) {
     if let Some(s) = e.status_due {
         assert_eq!(d.memory.status_due.is_some(), s, "{name}: status_due");
     }
+    if let Some(r) = e.refused {
+        assert_eq!(d.memory.refused.is_some(), r, "{name}: refused");
+    }
+    if let Some(u) = &e.unregistered {
+        let got: Vec<&String> = d.memory.unregistered_since.keys().collect();
+        assert_eq!(got, u.iter().collect::<Vec<_>>(), "{name}: unregistered");
+    }
+    if let Some(g) = e.gcs_down {
+        assert_eq!(d.memory.gcs_down_since.is_some(), g, "{name}: gcs_down");
+    }
 }
 
 fn cases() -> Vec<Case> {
@@ -352,4 +387,51 @@ fn there_are_at_least_forty_cases_with_distinct_names() {
     let names: std::collections::BTreeSet<&str> = cases.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(names.len(), cases.len(), "case names are unique");
     assert!(cases.len() >= 40, "{} cases", cases.len());
+}
+
+/// A refused create waits 0.5 s, then twice as long each time up to 3 s; with the autoscaler the
+/// refused pods leave the target (a launch that never became a pod is not counted), never below
+/// minWorkers; without it the targets are the spec's and stay.
+#[test]
+fn refused_creates_back_off_and_leave_the_targets() {
+    let mut w = World::new(serde_json::from_value(world::base_cluster()).expect("cluster"), true);
+    w.memory.targets = BTreeMap::from([("small".into(), 4), ("large".into(), 2)]);
+    let desired = w.desired().clone();
+    let mut waits = Vec::new();
+    for _ in 0..6 {
+        pass::create_refused(&mut w.memory, &desired, &[(Some(0), 1), (Some(1), 2)], REFUSED, w.now, true);
+        let r = w.memory.refused.as_ref().expect("refused");
+        waits.push(r.retry_at.duration_since(w.now).as_secs_f64());
+    }
+    assert_eq!(waits, [0.5, 1.0, 2.0, 3.0, 3.0, 3.0], "capped exponential backoff");
+    assert_eq!(w.memory.refused.as_ref().map(|r| r.attempts), Some(6));
+    assert_eq!(w.memory.targets, BTreeMap::from([("small".into(), 1), ("large".into(), 0)]), "down to minWorkers");
+
+    let mut fixed = pass::Memory { targets: BTreeMap::from([("small".into(), 3)]), ..Default::default() };
+    pass::create_refused(&mut fixed, &desired, &[(Some(0), 2)], REFUSED, w.now, false);
+    assert_eq!(fixed.targets["small"], 3, "without the autoscaler the spec's targets stay");
+}
+
+/// After a refusal, the executor's immediate next pass writes a status that names it, and no wake
+/// (a GCS snapshot every interval, pod events) brings a create before the retry is due.
+#[test]
+fn no_wake_skips_the_backoff_of_a_refused_create() {
+    let mut w = World::new(serde_json::from_value(world::base_cluster()).expect("cluster"), true);
+    w.service_applied();
+    w.pods = vec![w.pod("h head Running ready")];
+    w.ray(vec![w.node("h running")], vec![]);
+    w.memory.targets = BTreeMap::from([("small".into(), 1), ("large".into(), 0)]);
+    let desired = w.desired().clone();
+    pass::create_refused(&mut w.memory, &desired, &[(Some(0), 1)], REFUSED, w.now, true);
+    let retry_at = w.memory.refused.as_ref().expect("refused").retry_at;
+    let mut t = w.now;
+    while t < retry_at {
+        w.now = t;
+        let d = w.decide();
+        assert!(d.writes.creates.is_empty(), "no create {:?} before the retry", t);
+        t = t.checked_add(k8s_openapi::jiff::SignedDuration::from_millis(100)).expect("time");
+    }
+    w.now = retry_at;
+    let d = w.decide();
+    assert_eq!(creates(&w, &d), ["small 1"], "the retry is due: one probe");
 }

@@ -13,7 +13,7 @@ use ray_operator::model::desired::NodeKind;
 use ray_operator::model::observed::ObservedPod;
 use ray_operator::pass::PassDecision;
 use ray_operator::pass::plan::DeleteReason;
-use ray_operator::ray::ResourceDemand;
+use ray_operator::ray::{NodeStatus, ResourceDemand};
 use serde_json::json;
 use support::world::{self, World};
 
@@ -250,8 +250,22 @@ fn check_head_safe(w: &World, d: &PassDecision) -> Result<(), TestCaseError> {
     for del in &d.writes.deletes {
         if is_head(&del.name) {
             let by_plan = matches!(del.reason, DeleteReason::Finished | DeleteReason::Outdated | DeleteReason::Excess);
-            prop_assert!(by_plan, "deleted the head {} ({:?})", del.name, del.reason);
+            // Recovering a head whose GCS went silent needs the GCS to be silent.
+            let blind = w.link.as_ref().is_none_or(|l| l.snapshot.is_none());
+            let recovery = del.reason == DeleteReason::GcsUnreachable && blind;
+            prop_assert!(by_plan || recovery, "deleted the head {} ({:?})", del.name, del.reason);
         }
+    }
+    Ok(())
+}
+
+/// Only idle Ray nodes are drained (Ray's idle scale-down and the removal of surplus pods alike):
+/// a busy worker is never taken away from its tasks.
+fn check_drains_idle(w: &World, d: &PassDecision) -> Result<(), TestCaseError> {
+    let snapshot = w.link.as_ref().and_then(|l| l.snapshot.as_ref());
+    for drain in &d.ray.drains {
+        let node = snapshot.and_then(|s| s.nodes.iter().find(|n| n.node_id == drain.node_id));
+        prop_assert!(node.is_some_and(|n| n.status == NodeStatus::Idle), "drained a non-idle node {drain:?}");
     }
     Ok(())
 }
@@ -283,6 +297,7 @@ proptest! {
             let d = w.decide();
             check_bounds(&w, &d)?;
             check_head_safe(&w, &d)?;
+            check_drains_idle(&w, &d)?;
             w.apply(&d);
         }
     }
@@ -308,6 +323,31 @@ proptest! {
             }
         }
         prop_assert!(false, "every one of four passes deleted something");
+    }
+
+    /// While the GCS cannot be asked (no fresh snapshot), no worker is deleted for anything Ray
+    /// would have to confirm (dead, never registered, surplus), however long its timer ran, and
+    /// nothing is drained.
+    #[test]
+    fn a_blind_pass_deletes_no_worker_for_ray_reasons(s in spec()) {
+        // With the autoscaler and a Service, so a link exists (a blind one, below).
+        let mut w = build(&Spec { autoscaler: true, service: true, ..s });
+        prop_assume!(w.desired.is_ok() && w.link.is_some());
+        if let Some(link) = w.link.as_mut() {
+            link.snapshot = None;
+        }
+        let long_ago = world::ago(100_000);
+        w.memory.unregistered_since = w.pods.iter().map(|p| (p.name.clone(), long_ago)).collect();
+        let d = w.decide();
+        prop_assert!(d.ray.drains.is_empty(), "drained while blind: {}", acts(&d));
+        for del in &d.writes.deletes {
+            let worker = w.pods.iter().any(|p| p.name == del.name && p.kind == NodeKind::Worker);
+            let ray_reason = matches!(
+                del.reason,
+                DeleteReason::RayNodeDead | DeleteReason::RayNodeNotRegistered | DeleteReason::Excess
+            );
+            prop_assert!(!(worker && ray_reason), "deleted worker {} ({:?}) while blind", del.name, del.reason);
+        }
     }
 
     /// Whatever the start, passes reach a world where a pass is a no-op within four passes, and

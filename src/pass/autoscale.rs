@@ -10,9 +10,10 @@ use super::conditions::{ClusterCondition, ConditionType};
 use super::plan;
 use super::{LinkAction, LogLine, PassDecision, PassEvent, PassInput, Scaled};
 use crate::api::RayCluster;
-use crate::autoscaler::scale::{self, DrainState, LinkHealth};
+use crate::autoscaler::scale::{self, DrainCandidate, DrainState, LinkHealth};
 use crate::model::desired::{Desired, GCS_ADDRESS_ANNOTATION, PodTemplate, head_service_dns};
 use crate::model::observed::{self, ObservedPod};
+use crate::ray::{ClusterState, NodeStatus};
 
 /// What the autoscaler's part hands to the rest of the pass.
 #[derive(Default)]
@@ -21,6 +22,8 @@ pub(super) struct Scaling {
     pub draining: BTreeSet<String>,
     /// Drained pods whose Ray node is gone: delete them.
     pub delete: Vec<String>,
+    /// Surplus pods beyond their type's target that have no Ray node yet: delete them.
+    pub excess: Vec<String>,
     /// The AutoscalerHealthy condition, when this pass knows it.
     pub condition: Option<ClusterCondition>,
 }
@@ -156,11 +159,13 @@ pub(super) fn autoscale(input: &PassInput<'_>, desired: &Desired, out: &mut Pass
     }
     draining.extend(s.drain.iter().map(|d| d.pod.clone()));
     out.ray.drains = s.drain;
+    let excess = remove_surplus(input, desired, snapshot, &mut draining, out);
     out.ray.report = Some(s.report);
     let message = format!("reading demand from the GCS at {addr}");
     Scaling {
         draining,
         delete: s.delete,
+        excess,
         condition: Some(ClusterCondition::new(ConditionType::AutoscalerHealthy, true, "GcsReachable", message)),
     }
 }
@@ -174,4 +179,63 @@ fn gcs_reason(reason: &str) -> &'static str {
         "too_large" => "GcsReplyTooLarge",
         _ => "GcsError",
     }
+}
+
+/// Pods beyond every target (duplicates created by two leaders during a failover, or a target
+/// lowered while pods were on their way): the least useful go first (no Ray node yet, deleted at
+/// once; then idle nodes, longest idle first, drained through Ray like any idle scale-down).
+/// Busy nodes are never taken: they go once idle. Types in a rolling replacement are left to it.
+/// Adds the drains to `out.ray.drains` and `draining`; returns the pods to delete.
+fn remove_surplus(
+    input: &PassInput<'_>,
+    desired: &Desired,
+    snapshot: &ClusterState,
+    draining: &mut BTreeSet<String>,
+    out: &mut PassDecision,
+) -> Vec<String> {
+    let mut delete = Vec::new();
+    for t in &desired.workers {
+        let live: Vec<&ObservedPod> =
+            input.pods.iter().filter(|p| p.is_live_worker_of(&t.type_name) && !draining.contains(&p.name)).collect();
+        if live.iter().any(|p| p.hash != t.hash) {
+            continue;
+        }
+        let target = out.memory.targets.get(&t.type_name).copied().unwrap_or(t.min_workers) as usize;
+        if live.len() <= target {
+            continue;
+        }
+        let node =
+            |p: &ObservedPod| snapshot.nodes.iter().find(|n| n.instance_id == p.name && n.status != NodeStatus::Dead);
+        // (rank, longest idle first): no node 0, idle 1; busy or draining nodes are not candidates.
+        let mut candidates: Vec<(u8, i64, &ObservedPod)> = live
+            .iter()
+            .filter_map(|p| match node(p) {
+                None => Some((0, 0, *p)),
+                Some(n) if n.status == NodeStatus::Idle => Some((1, -n.idle_duration_ms, *p)),
+                Some(_) => None,
+            })
+            .collect();
+        candidates.sort_by(|a, b| (a.0, a.1, &a.2.name).cmp(&(b.0, b.1, &b.2.name)));
+        for (_, _, p) in candidates.into_iter().take(live.len() - target) {
+            let msg = format!(
+                "removing surplus worker {} of type {} ({} live for a target of {target})",
+                p.name,
+                t.type_name,
+                live.len()
+            );
+            out.log.push(LogLine::Info(msg));
+            match node(p) {
+                Some(n) => {
+                    out.ray.drains.push(DrainCandidate {
+                        pod: p.name.clone(),
+                        node_id: n.node_id.clone(),
+                        type_name: t.type_name.clone(),
+                    });
+                    draining.insert(p.name.clone());
+                }
+                None => delete.push(p.name.clone()),
+            }
+        }
+    }
+    delete
 }

@@ -13,17 +13,25 @@ pub enum ConditionType {
     HeadReady,
     /// The autoscaler can read the head's GCS.
     AutoscalerHealthy,
+    /// The API server refuses the cluster's pod creates (quota, Pod Security, a webhook, 5xx);
+    /// present only while it does, as a ReplicaSet's condition of the same name.
+    ReplicaFailure,
 }
 
 impl ConditionType {
-    pub const ALL: [ConditionType; 3] =
-        [ConditionType::Ready, ConditionType::HeadReady, ConditionType::AutoscalerHealthy];
+    pub const ALL: [ConditionType; 4] = [
+        ConditionType::Ready,
+        ConditionType::HeadReady,
+        ConditionType::AutoscalerHealthy,
+        ConditionType::ReplicaFailure,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             ConditionType::Ready => "Ready",
             ConditionType::HeadReady => "HeadReady",
             ConditionType::AutoscalerHealthy => "AutoscalerHealthy",
+            ConditionType::ReplicaFailure => "ReplicaFailure",
         }
     }
 

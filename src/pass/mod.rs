@@ -12,6 +12,7 @@ pub mod conditions;
 pub mod plan;
 
 mod autoscale;
+mod ray_nodes;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -43,6 +44,12 @@ pub struct AutoscalerSettings {
     /// Whether the `cluster.ray.io/gcs-address` annotation is honoured (else the head Service is
     /// always used): it lets a RayCluster editor choose where the operator connects.
     pub gcs_address_annotation: bool,
+    /// How long a running worker pod may go without its Ray node registering in the GCS before
+    /// it is deleted and replaced. Only the autoscaler sees Ray's nodes, so this lives here.
+    pub registration_timeout: Duration,
+    /// How long the head pod may run with its GCS unreachable before the head is recovered
+    /// (deleted and recreated, `autoscalerRetries` + 1).
+    pub head_gcs_grace: Duration,
 }
 
 /// The operator's settings a pass depends on.
@@ -70,6 +77,69 @@ pub struct Memory {
     /// When a status change that is not urgent (same phase, same generation) is written at the
     /// latest; set while one waits. See [`STATUS_COALESCE`].
     pub status_due: Option<Timestamp>,
+    /// Set while the API server refuses this cluster's pod creates (quota, Pod Security,
+    /// webhooks, 5xx): no create is tried before `retry_at`, whatever wakes the cluster.
+    pub refused: Option<Refusal>,
+    /// Running worker pods without a Ray node in the GCS, and since when (first seen so).
+    /// Kept here rather than read from the pod, so no other clock than the pass's is needed; a
+    /// new leader starts counting afresh (later, never earlier).
+    pub unregistered_since: BTreeMap<String, Timestamp>,
+    /// Since when the head pod has been running without a fresh answer from its GCS.
+    pub gcs_down_since: Option<Timestamp>,
+    /// The head pod whose GCS has answered (only such a head is recovered when its GCS goes silent).
+    pub gcs_answered: Option<String>,
+}
+
+/// Pod creates the API server refused, and when to try again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// Refused tries in a row.
+    pub attempts: u32,
+    pub retry_at: Timestamp,
+    /// What the API server said, for the status and the Event.
+    pub message: String,
+}
+
+/// The first retry of a refused create waits this long; each further one twice as long, up to
+/// [`CREATE_RETRY_MAX`].
+pub const CREATE_RETRY_BASE: Duration = Duration::from_millis(500);
+
+/// The longest wait between tries of a refused create. It bounds how long pods stay missing after
+/// the cause goes away (a quota raised, a namespace label or webhook changed): most causes cannot
+/// be watched with the operator's permissions, so we probe instead: one pod per try, one rejected
+/// request every 3 s per refused cluster at most, which the API server answers without storing
+/// anything.
+pub const CREATE_RETRY_MAX: Duration = Duration::from_secs(3);
+
+/// Pods of one create that the API server refused: `None` for the head, `Some(i)` for
+/// `desired.workers[i]`, and how many.
+pub type RefusedCreates = [(Option<usize>, u32)];
+
+/// Records refused creates in the memory: the next try waits (capped exponential backoff), and
+/// with the autoscaler the worker targets of the refused types drop by the refused pods, so a
+/// target never counts launches that never became pods (Ray asks again for what it still needs).
+pub fn create_refused(
+    memory: &mut Memory,
+    desired: &Desired,
+    refused: &RefusedCreates,
+    message: &str,
+    now: Timestamp,
+    autoscaler: bool,
+) {
+    let attempts = memory.refused.as_ref().map_or(0, |r| r.attempts).saturating_add(1);
+    let wait = CREATE_RETRY_BASE.saturating_mul(1 << (attempts - 1).min(16)).min(CREATE_RETRY_MAX);
+    let wait = SignedDuration::try_from(wait).unwrap_or(SignedDuration::ZERO);
+    memory.refused =
+        Some(Refusal { attempts, retry_at: now.checked_add(wait).unwrap_or(now), message: message.to_string() });
+    if !autoscaler {
+        return;
+    }
+    for (worker, n) in refused {
+        let Some(t) = worker.and_then(|i| desired.workers.get(i)) else { continue };
+        if let Some(target) = memory.targets.get_mut(&t.type_name) {
+            *target = target.saturating_sub(*n).max(t.min_workers.min(*target));
+        }
+    }
 }
 
 /// Ray's side of a cluster as the link to its GCS last saw it.
@@ -277,22 +347,43 @@ pub fn decide(input: &PassInput<'_>) -> PassDecision {
     }
     out.memory.rejected = None;
 
+    // Pods whose Ray is gone while they run count as finished from here on: the plan deletes and
+    // replaces them like any finished pod (the head with `autoscalerRetries` + 1).
+    let failed = ray_nodes::failures(input, desired, &mut out);
+    let marked = ray_nodes::as_finished(input.pods, &failed);
+    let input = &PassInput { pods: &marked, ..*input };
+
     let scaling = autoscale::autoscale(input, desired, &mut out);
-    let deletes = give_up_unschedulable(input, desired, &scaling.delete, &mut out);
+    let mut deletes = give_up_unschedulable(input, desired, &scaling.delete, &mut out);
+    deletes.extend(scaling.excess.iter().map(|n| (n.clone(), DeleteReason::Excess)));
     // Without the autoscaler the targets are the spec's and surplus pods go; with it only Ray's
-    // decision removes workers (by draining idle ones).
+    // decision removes workers (by draining idle ones), and surplus beyond every target.
     let targets =
         Targets { workers: out.memory.targets.clone(), allow_scale_down: input.settings.autoscaler.is_none() };
     let visible: Vec<ObservedPod> =
         input.pods.iter().filter(|p| !scaling.draining.contains(&p.name)).cloned().collect();
     let mut planned = plan::plan(desired, &Observed { pods: &visible, ..observed.clone() }, &targets);
+    for action in planned.actions.iter_mut() {
+        if let Action::DeletePod { name, reason, .. } = action
+            && let Some((_, why)) = failed.iter().find(|(n, _)| n == name)
+        {
+            *reason = *why;
+        }
+    }
     for (name, reason) in deletes {
         if let Some(p) = input.pods.iter().find(|p| p.name == name) {
             planned.actions.push(Action::DeletePod { name: p.name.clone(), uid: p.uid.clone(), reason });
         }
     }
     out.head_recovery = planned.head_recovery;
-    let more = budget(&planned.actions, input.settings.create_batch, &mut out.writes);
+    let retry_wait = refusal_gate(input, &planned.actions, &mut out.memory);
+    let batch = match retry_wait {
+        Some(_) => 0,
+        // A try after a refusal is one pod: a probe, not a burst the API server refuses again.
+        None if out.memory.refused.is_some() => 1,
+        None => input.settings.create_batch.max(1),
+    };
+    let more = budget(&planned.actions, batch, &mut out.writes) && retry_wait.is_none();
 
     // The status of the world once the writes are done: deleted pods are terminating; created
     // ones are pending and not ready, so they count nowhere but as the head (`head_created`).
@@ -303,11 +394,28 @@ pub fn decide(input: &PassInput<'_>) -> PassDecision {
         }
     }
     let observed_after = Observed { pods: &after, ..observed };
-    let status = plan::status_with(desired, &observed_after, &targets, &planned, None, scaling.condition, input.now);
+    let extras = plan::StatusExtras {
+        head_pod_name: None,
+        autoscaler: scaling.condition,
+        refused: out.memory.refused.as_ref().map(|r| r.message.clone()),
+    };
+    let status = plan::status_with(desired, &observed_after, &targets, &planned, extras, input.now);
     let creates_head = out.writes.creates.iter().any(|c| c.worker.is_none());
     let status_wait = coalesce_status(cluster.status.as_ref(), status, creates_head, input.now, &mut out);
-    out.next = next(input, more, status_wait, &out.ray.link);
+    let timers = [status_wait, retry_wait, ray_nodes::next_deadline(input, &out.memory)].into_iter().flatten().min();
+    out.next = next(input, more, timers, &out.ray.link);
     out
+}
+
+/// While pod creates are refused: how long the next try must still wait (`None`: it may go now).
+/// A refusal is forgotten when the pass has nothing to create (its cause no longer matters).
+fn refusal_gate(input: &PassInput<'_>, actions: &[Action], memory: &mut Memory) -> Option<Duration> {
+    let r = memory.refused.as_ref()?;
+    if !actions.iter().any(|a| matches!(a, Action::CreatePods { .. })) {
+        memory.refused = None;
+        return None;
+    }
+    (input.now < r.retry_at).then(|| r.retry_at.duration_since(input.now).unsigned_abs())
 }
 
 /// Worker pods the scheduler could not place for the unschedulable timeout: with the autoscaler,
@@ -349,7 +457,7 @@ fn give_up_unschedulable(
 /// Splits the plan into writes within the creation budget; true when creates were left for later.
 fn budget(actions: &[Action], create_batch: usize, writes: &mut Writes) -> bool {
     let mut more = false;
-    let mut left = create_batch.max(1);
+    let mut left = create_batch;
     for action in actions {
         match action {
             Action::CreatePods { worker, count } => {
@@ -395,8 +503,9 @@ fn coalesce_status(
     }
 }
 
-/// When to come back.
-fn next(input: &PassInput<'_>, more: bool, status_wait: Option<Duration>, link: &LinkAction) -> Next {
+/// When to come back. `timers`: the earliest of the pass's own deadlines (a deferred status, a
+/// refused create's retry, a Ray node's timeout).
+fn next(input: &PassInput<'_>, more: bool, timers: Option<Duration>, link: &LinkAction) -> Next {
     let settings = input.settings;
     // An unschedulable pod's timeout passes without any event: come back when it does.
     let unschedulable_wait = input
@@ -420,8 +529,8 @@ fn next(input: &PassInput<'_>, more: bool, status_wait: Option<Duration>, link: 
     } else {
         Next::Idle
     };
-    // A deferred status write comes back by itself.
-    match (next, status_wait) {
+    // Deadlines come back by themselves.
+    match (next, timers) {
         (Next::Idle, Some(w)) => Next::After(w),
         (Next::After(d), Some(w)) => Next::After(d.min(w)),
         (next, _) => next,

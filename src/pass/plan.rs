@@ -42,6 +42,12 @@ pub enum DeleteReason {
     Drained,
     /// It could not be scheduled for too long.
     Unschedulable,
+    /// Its Ray node is DEAD in the GCS while the pod runs.
+    RayNodeDead,
+    /// It ran for the registration timeout without its Ray node registering.
+    RayNodeNotRegistered,
+    /// The head's GCS did not answer for the grace period while its pod ran.
+    GcsUnreachable,
 }
 
 impl DeleteReason {
@@ -53,6 +59,9 @@ impl DeleteReason {
             DeleteReason::Orphaned => "pod type removed",
             DeleteReason::Drained => "idle, drained",
             DeleteReason::Unschedulable => "unschedulable",
+            DeleteReason::RayNodeDead => "Ray node dead",
+            DeleteReason::RayNodeNotRegistered => "Ray node never registered",
+            DeleteReason::GcsUnreachable => "GCS unreachable",
         }
     }
 }
@@ -212,19 +221,30 @@ pub fn status(
     head_pod_name: Option<String>,
     now: Timestamp,
 ) -> RayClusterStatus {
-    status_with(desired, observed, targets, plan, head_pod_name, None, now)
+    status_with(desired, observed, targets, plan, StatusExtras { head_pod_name, ..Default::default() }, now)
 }
 
-/// [`status`], with the autoscaler's condition when the pass knows it (`None` keeps the last one).
+/// What a pass knows for the status besides the plan.
+#[derive(Clone, Debug, Default)]
+pub struct StatusExtras {
+    /// The head's name after the plan ran (`None` keeps the last one).
+    pub head_pod_name: Option<String>,
+    /// The autoscaler's condition when the pass knows it (`None` keeps the last one).
+    pub autoscaler: Option<ClusterCondition>,
+    /// What the API server said when it last refused a pod create, while that lasts.
+    pub refused: Option<String>,
+}
+
+/// [`status`], with [`StatusExtras`].
 pub fn status_with(
     desired: &Desired,
     observed: &Observed<'_>,
     targets: &Targets,
     plan: &Plan,
-    head_pod_name: Option<String>,
-    autoscaler: Option<ClusterCondition>,
+    extras: StatusExtras,
     now: Timestamp,
 ) -> RayClusterStatus {
+    let StatusExtras { head_pod_name, autoscaler, refused } = extras;
     let old = observed.status.cloned().unwrap_or_default();
     let generation = observed.generation;
     let head = observed::current_head(observed.pods, &desired.head.hash);
@@ -259,6 +279,7 @@ pub fn status_with(
         None => ("HeadPodMissing", "the head pod is being created".into()),
     };
     let (ready_reason, ready_msg) = match phase {
+        _ if refused.is_some() => ("FailedCreate", refused.clone().unwrap_or_default()),
         Phase::Running => ("ClusterReady", format!("head and {have}/{want} workers are ready")),
         Phase::AutoscalingExceptionRecovery => ("HeadRecovery", "recovering a failed or deleted head pod".into()),
         _ => ("Reconciling", format!("{have}/{want} workers ready; pods are being created or replaced")),
@@ -268,6 +289,10 @@ pub fn status_with(
         ClusterCondition::new(ConditionType::HeadReady, head_ready, head_reason, head_msg),
     ];
     computed.extend(autoscaler);
+    // Like a ReplicaSet's ReplicaFailure: present while creates are refused, gone once one succeeds.
+    computed.extend(
+        refused.as_ref().map(|m| ClusterCondition::new(ConditionType::ReplicaFailure, true, "FailedCreate", m.clone())),
+    );
     let conditions = conditions::merge(&old.conditions, &computed, generation, now);
     RayClusterStatus {
         phase: Some(phase),
@@ -278,7 +303,7 @@ pub fn status_with(
         workers: Some(format!("{have}/{want}")),
         head_pod_name: head_pod_name.or(old.head_pod_name),
         head_service_name: desired.service.metadata.name.clone(),
-        message: None,
+        message: refused,
     }
 }
 

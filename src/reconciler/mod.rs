@@ -144,6 +144,7 @@ pub async fn reconcile(ctx: &Context, key: &ClusterKey, slot: &mut ClusterSlot) 
     if !done.created.is_empty() {
         event(ctx, &cluster, &created_event(&done.created));
     }
+    let refused = refusal(ctx, key, slot, &cluster, &desired, &done, now);
     match done.failure {
         None => {}
         Some(Error::Rejected { kind, message }) => {
@@ -170,7 +171,37 @@ pub async fn reconcile(ctx: &Context, key: &ClusterKey, slot: &mut ClusterSlot) 
         }
         write_status(ctx, &cluster, status).await?;
     }
-    Ok(decision.next)
+    // After a refusal, the next pass (with the refusal in memory) writes the status that says so.
+    Ok(if refused { Next::Continue } else { decision.next })
+}
+
+/// Records what the API server did to this pass's pod creates in the memory: a refusal (with a
+/// Warning Event, which the recorder aggregates into one counted Event per cluster) or, once a
+/// create succeeds, the end of one. True when creates were refused.
+fn refusal(
+    ctx: &Context,
+    key: &ClusterKey,
+    slot: &mut ClusterSlot,
+    cluster: &RayCluster,
+    desired: &Result<Desired, desired::InvalidSpec>,
+    done: &Done,
+    now: Timestamp,
+) -> bool {
+    let (Some(message), Ok(d)) = (&done.refusal, desired) else {
+        if done.pods_created {
+            slot.memory.refused = None;
+        }
+        return false;
+    };
+    // One warning per run of refusals; each retry is in the Event's count (and at debug level).
+    if slot.memory.refused.is_none() {
+        warn!("{key}: {message}; retrying with backoff");
+    } else {
+        debug!("{key}: {message}");
+    }
+    event(ctx, cluster, &PassEvent { warning: true, reason: "FailedCreate", note: message.clone() });
+    pass::create_refused(&mut slot.memory, d, &done.refused, message, now, ctx.settings.autoscaler.is_some());
+    true
 }
 
 fn log(key: &ClusterKey, line: &LogLine) {
@@ -235,6 +266,12 @@ struct Done {
     head: Option<String>,
     /// The first failure; a rejection wins over a transient error of another write.
     failure: Option<Error>,
+    /// Whether any pod was created.
+    pods_created: bool,
+    /// Pod creates the API server refused (not rejected as invalid), per template.
+    refused: Vec<(Option<usize>, u32)>,
+    /// What it said, for the status and the Event.
+    refusal: Option<String>,
 }
 
 /// One Event per pass for what it created (the bring-up of a cluster is one Event, not three):
@@ -263,14 +300,25 @@ async fn carry_out(ctx: &Context, key: &ClusterKey, cluster: &RayCluster, desire
         .collect();
     let results = join_all(all.iter().map(|w| async move {
         match w {
-            Write::Service => apply_service(ctx, key, desired).await.map(|c| Some((c, None))),
-            Write::Pods(c) => create_pods(ctx, key, desired, c, d.head_recovery).await,
-            Write::Delete(del) => delete_pod(ctx, key, cluster, del).await.map(|()| None),
+            Write::Service => apply_service(ctx, key, desired).await.map(|c| Outcome::created(Some((c, None)))),
+            Write::Pods(c) => Ok(create_pods(ctx, key, desired, c, d.head_recovery).await),
+            Write::Delete(del) => delete_pod(ctx, key, cluster, del).await.map(|()| Outcome::created(None)),
         }
     }))
     .await;
     let mut done = Done::default();
     for (w, result) in all.iter().zip(results) {
+        let result = match (w, result) {
+            (Write::Pods(c), Ok(outcome)) => {
+                done.pods_created |= outcome.created.is_some();
+                if let Some(message) = outcome.refused_with {
+                    done.refused.push((c.worker, outcome.refused));
+                    done.refusal.get_or_insert(message);
+                }
+                outcome.error.map_or(Ok(outcome.created), Err)
+            }
+            (_, r) => r.map(|o| o.created),
+        };
         match result {
             Ok(Some((created, last_pod))) => {
                 if matches!(w, Write::Pods(Create { worker: None, .. })) {
@@ -291,7 +339,8 @@ async fn carry_out(ctx: &Context, key: &ClusterKey, cluster: &RayCluster, desire
 async fn write_status(ctx: &Context, cluster: &RayCluster, status: RayClusterStatus) -> Result<(), Error> {
     ctx.may_write()?;
     let api: Api<RayCluster> = Api::namespaced(ctx.client.clone(), &cluster.namespace().unwrap_or_default());
-    let patch = serde_json::json!({ "status": status });
+    // With explicit nulls: fields this status no longer has (a fixed problem's message) go away.
+    let patch = status.merge_patch();
     let updated = api.patch_status(&cluster.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
     ctx.metrics.api_write("status");
     ctx.cache.put_cluster(updated);
@@ -327,30 +376,51 @@ async fn apply_service(ctx: &Context, key: &ClusterKey, desired: &Desired) -> Re
 }
 
 /// 400/422 from a create means the object we built from the user's spec is invalid: that is the
-/// user's to fix, not ours to retry.
+/// user's to fix, not ours to retry. An admission webhook's denial is not: it is policy, like a
+/// quota, and may change without the spec changing (retried with backoff as a refusal).
 fn rejected_or(e: kube::Error, kind: &'static str) -> Error {
     match &e {
-        kube::Error::Api(s) if s.code == 422 || s.code == 400 => Error::Rejected { kind, message: s.message.clone() },
+        kube::Error::Api(s) if (s.code == 422 || s.code == 400) && !s.message.contains("admission webhook") => {
+            Error::Rejected { kind, message: s.message.clone() }
+        }
         _ => Error::Kube(e),
+    }
+}
+
+/// What one write did. Only pod creates are ever refused.
+#[derive(Default)]
+struct Outcome {
+    created: Option<Created>,
+    /// An error that fails the pass (fenced, rejected as invalid, transport).
+    error: Option<Error>,
+    /// Creates the API server answered with a refusal (quota, Pod Security, webhook, 5xx), and
+    /// what it said.
+    refused: u32,
+    refused_with: Option<String>,
+}
+
+impl Outcome {
+    fn created(created: Option<Created>) -> Self {
+        Outcome { created, ..Default::default() }
     }
 }
 
 /// A created object's Event (reason, note) and the last pod's name.
 type Created = ((&'static str, String), Option<String>);
 
-/// Creates the pods of one [`Create`] concurrently. `None` when nothing was created.
+/// Creates the pods of one [`Create`] concurrently.
 async fn create_pods(
     ctx: &Context,
     key: &ClusterKey,
     desired: &Desired,
     create: &Create,
     head_recovery: bool,
-) -> Result<Option<Created>, Error> {
+) -> Outcome {
     let template = match create.worker {
         None => &desired.head,
         Some(i) => match desired.workers.get(i) {
             Some(t) => t,
-            None => return Ok(None),
+            None => return Outcome::default(),
         },
     };
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &key.namespace);
@@ -363,8 +433,13 @@ async fn create_pods(
         api.create(&pp, &template.pod).await.map_err(|e| rejected_or(e, "Pod"))
     }))
     .await;
+    let what = match create.worker {
+        None if head_recovery => "replacement head pod".to_string(),
+        None => "head pod".to_string(),
+        Some(_) => format!("worker pod of type {}", template.type_name),
+    };
     let mut names = Vec::new();
-    let mut first_err = None;
+    let mut out = Outcome::default();
     for r in results {
         match r {
             Ok(pod) => {
@@ -372,26 +447,28 @@ async fn create_pods(
                 ctx.metrics.child_created("pod");
                 names.push(pod.name_any());
             }
+            // Refused, not invalid: the API server answered, and a later try may succeed.
+            Err(Error::Kube(kube::Error::Api(s))) if s.code != 409 => {
+                out.refused += 1;
+                out.refused_with.get_or_insert_with(|| {
+                    format!("the API server refused to create a {what} ({} {}): {}", s.code, s.reason, s.message)
+                });
+            }
             Err(e) => {
-                first_err.get_or_insert(e);
+                out.error.get_or_insert(e);
             }
         }
     }
-    let created = (!names.is_empty()).then(|| {
+    out.created = (!names.is_empty()).then(|| {
         let what = match create.worker {
-            None if head_recovery => "replacement head pod".to_string(),
-            None => "head pod".to_string(),
             Some(_) => format!("{} worker pod(s) of type {}", names.len(), template.type_name),
+            None => what.clone(),
         };
         info!("{key}: created {what}: {}", names.join(", "));
         let reason = if create.worker.is_none() { "CreatedHeadPod" } else { "CreatedWorkerPods" };
         ((reason, format!("Created {what}: {}", names.join(", "))), names.last().cloned())
     });
-    match first_err {
-        // Created pods are in the cache; their Event is lost, their log line is not.
-        Some(e) => Err(e),
-        None => Ok(created),
-    }
+    out
 }
 
 async fn delete_pod(ctx: &Context, key: &ClusterKey, cluster: &RayCluster, pod: &Delete) -> Result<(), Error> {

@@ -7,6 +7,7 @@
 //! tests never touch a real cluster by accident.
 #![allow(dead_code)]
 
+pub mod ray;
 pub mod world;
 
 use std::future::Future;

@@ -77,6 +77,8 @@ pub fn settings(autoscaler: bool) -> PassSettings {
             timeout: Duration::from_secs(2),
             // The fixtures exercise the override.
             gcs_address_annotation: true,
+            registration_timeout: Duration::from_secs(600),
+            head_gcs_grace: Duration::from_secs(60),
         }),
         unschedulable_timeout: Duration::from_secs(60),
     }
