@@ -142,21 +142,9 @@ fn the_component_fits_the_prometheus_operator_crds() {
         let f = dir.join(format!("monitoring.coreos.com_{kind}.yaml"));
         // Server-side: the CRDs' annotations are too large for client-side apply's last-applied.
         kubectl_ok(&["apply", "--server-side", "--force-conflicts", "-f", f.to_str().unwrap()]);
-        let crd = format!("{kind}.monitoring.coreos.com");
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let est = kubectl_ok(&[
-                "get",
-                "crd",
-                &crd,
-                "-o=jsonpath={.status.conditions[?(@.type==\"Established\")].status}",
-            ]);
-            if est.trim() == "True" {
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "{crd} not Established");
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        // Polled with kubectl's failures tolerated: before the CRD has any condition, the jsonpath
+        // filter fails ("<nil> is not array or slice").
+        wait_named_crd_established(&format!("{kind}.monitoring.coreos.com"), kubectl);
     }
     let (overlay, _) = overlay_with_component();
     let out = kubectl_ok(&["apply", "--dry-run=server", "--validate=strict", "-k", overlay.path().to_str().unwrap()]);

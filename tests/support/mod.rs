@@ -314,18 +314,27 @@ pub fn install_crd() {
 /// Waits until the RayCluster CRD is Established. Not `kubectl wait --for=condition=established`:
 /// right after the create, while the CRD has no status conditions yet, kubectl 1.36 fails with
 /// "accessor error: <nil> is of the type <nil>" instead of waiting (seen once in CI).
-pub fn wait_crd_established(mut kubectl: impl FnMut() -> Command) {
+pub fn wait_crd_established(kubectl: impl FnMut() -> Command) {
+    wait_named_crd_established("rayclusters.cluster.ray.io", kubectl)
+}
+
+/// [`wait_crd_established`] for any CRD by name.
+pub fn wait_named_crd_established(crd: &str, mut kubectl: impl FnMut() -> Command) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let out = kubectl()
-            .args(["get", "crd", "rayclusters.cluster.ray.io"])
+            .args(["get", "crd", crd])
             .arg("-o=jsonpath={.status.conditions[?(@.type==\"Established\")].status}")
             .output()
             .expect("run kubectl");
         if out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "True" {
             return;
         }
-        assert!(Instant::now() < deadline, "CRD not Established after 60 s: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            Instant::now() < deadline,
+            "{crd} not Established after 60 s: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
