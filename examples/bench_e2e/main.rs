@@ -618,6 +618,30 @@ where
     }
 }
 
+/// What the plain-client baseline makes for one RayCluster (scale and side-by-side benchmarks):
+/// the head Service (server-side apply, as the operator does) and the head and two worker pods
+/// built by `model::desired`, all four requests at once. Returns the pods as created.
+async fn baseline_children(rc: &RayCluster, pods: &Api<Pod>, svcs: &Api<Service>, pp: &PostParams) -> Result<[Pod; 3]> {
+    let d = desired(rc).map_err(|e| anyhow!("{e}"))?;
+    let mut svc = d.service.clone();
+    svc.metadata.labels.get_or_insert_with(BTreeMap::new).insert(LABEL_LAUNCH_HASH.into(), d.service_hash.clone());
+    let mut value = serde_json::to_value(&svc)?;
+    value["apiVersion"] = "v1".into();
+    value["kind"] = "Service".into();
+    let name = svc.name_any();
+    let worker = &d.workers[0].pod;
+    let apply = PatchParams::apply(FIELD_MANAGER).force();
+    let body = Patch::Apply(&value);
+    let (s, h, w1, w2) = tokio::join!(
+        svcs.patch(&name, &apply, &body),
+        pods.create(pp, &d.head.pod),
+        pods.create(pp, worker),
+        pods.create(pp, worker)
+    );
+    s?;
+    Ok([h?, w1?, w2?])
+}
+
 /// `deploy/example_cluster.yaml` (a head and two workers) as JSON.
 fn example_cluster(repo: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(repo.join("deploy/example_cluster.yaml"))?;

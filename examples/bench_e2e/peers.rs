@@ -259,36 +259,11 @@ async fn baseline_backlog(client: Client, concurrency: usize) -> Result<()> {
     futures::stream::iter(list.items)
         .map(|rc| {
             let (pods, svcs, pp) = (pods.clone(), svcs.clone(), pp.clone());
-            async move { baseline_children(&rc, &pods, &svcs, &pp).await }
+            async move { baseline_children(&rc, &pods, &svcs, &pp).await.map(drop) }
         })
         .buffer_unordered(concurrency)
         .try_collect::<Vec<_>>()
         .await?;
-    Ok(())
-}
-
-/// What the plain client makes for one RayCluster (as `scale`'s baseline does).
-async fn baseline_children(rc: &RayCluster, pods: &Api<Pod>, svcs: &Api<Service>, pp: &PostParams) -> Result<()> {
-    let d = desired(rc).map_err(|e| anyhow!("{e}"))?;
-    let mut svc = d.service.clone();
-    svc.metadata.labels.get_or_insert_with(BTreeMap::new).insert(LABEL_LAUNCH_HASH.into(), d.service_hash.clone());
-    let mut value = serde_json::to_value(&svc)?;
-    value["apiVersion"] = "v1".into();
-    value["kind"] = "Service".into();
-    let name = svc.name_any();
-    let worker = &d.workers[0].pod;
-    let apply = PatchParams::apply(FIELD_MANAGER).force();
-    let body = Patch::Apply(&value);
-    let (s, h, w1, w2) = tokio::join!(
-        svcs.patch(&name, &apply, &body),
-        pods.create(pp, &d.head.pod),
-        pods.create(pp, worker),
-        pods.create(pp, worker)
-    );
-    s?;
-    h?;
-    w1?;
-    w2?;
     Ok(())
 }
 
@@ -304,7 +279,7 @@ async fn baseline_live(client: Client, base: serde_json::Value, n: usize, concur
             let rc = cluster(&base, &format!("rc-{i:05}"), 2);
             async move {
                 let created = rcs.create(&PostParams::default(), &rc?).await?;
-                baseline_children(&created, &pods, &svcs, &pp).await
+                baseline_children(&created, &pods, &svcs, &pp).await.map(drop)
             }
         })
         .buffer_unordered(concurrency)

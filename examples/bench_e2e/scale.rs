@@ -162,27 +162,7 @@ async fn scale_baseline_run(opts: &Opts, n: usize, rep: usize, mix: bool) -> Res
             async move {
                 let created = rcs.create(&PostParams::default(), &rc?).await?;
                 rc_done.lock().unwrap().push(Instant::now());
-                let d = desired(&created).map_err(|e| anyhow!("{e}"))?;
-                let mut svc = d.service.clone();
-                svc.metadata
-                    .labels
-                    .get_or_insert_with(BTreeMap::new)
-                    .insert(LABEL_LAUNCH_HASH.into(), d.service_hash.clone());
-                let mut value = serde_json::to_value(&svc)?;
-                value["apiVersion"] = "v1".into();
-                value["kind"] = "Service".into();
-                let name = svc.name_any();
-                let worker = &d.workers[0].pod;
-                let apply = PatchParams::apply(FIELD_MANAGER).force();
-                let body = Patch::Apply(&value);
-                let (s, h, w1, w2) = tokio::join!(
-                    svcs.patch(&name, &apply, &body),
-                    pods.create(&pp, &d.head.pod),
-                    pods.create(&pp, worker),
-                    pods.create(&pp, worker),
-                );
-                s?;
-                let (head, w1, w2) = (h?, w1?, w2?);
+                let [head, w1, w2] = baseline_children(&created, &pods, &svcs, &pp).await?;
                 if mix {
                     let pods_created = [head.name_any(), w1.name_any(), w2.name_any()];
                     let reasons = ["CreatedService", "CreatedHeadPod", "CreatedWorkerPods"];
