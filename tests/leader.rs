@@ -1,6 +1,7 @@
 //! The leader-elected runtime with replicas as separate processes: one leader at a time, graceful and
 //! crash failover, fencing proven from the audit log, fairness, health endpoints, namespace scopes.
 
+mod replicas;
 mod support;
 
 use std::collections::BTreeMap;
@@ -11,38 +12,10 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use ray_operator::api::{Phase, RayCluster};
+use replicas::cluster_yaml as cluster;
 use support::*;
 
 const ROLE: &str = "cluster.ray.io/operator-role";
-
-/// A cluster with `workers` workers of one type.
-fn cluster(name: &str, workers: u32, image: &str) -> String {
-    format!(
-        r#"
-apiVersion: cluster.ray.io/v1
-kind: RayCluster
-metadata: {{name: {name}}}
-spec:
-  maxWorkers: {workers}
-  headPodType: head
-  podTypes:
-  - name: head
-    podConfig:
-      apiVersion: v1
-      kind: Pod
-      metadata: {{generateName: ray-head-}}
-      spec: {{containers: [{{name: ray, image: "{image}", command: [sleep, infinity]}}]}}
-  - name: worker
-    minWorkers: {workers}
-    maxWorkers: {workers}
-    podConfig:
-      apiVersion: v1
-      kind: Pod
-      metadata: {{generateName: ray-worker-}}
-      spec: {{containers: [{{name: ray, image: "{image}", command: [sleep, infinity]}}]}}
-"#
-    )
-}
 
 /// Starts a replica named `name` in `ns` (its Lease and its pod live there), scoped to `ns`.
 fn replica(ns: &str, name: &str, ttl: &str, renew: &str) -> OperatorProcess {
