@@ -42,14 +42,6 @@ fn main() -> anyhow::Result<()> {
                     // server's audit log (and proves fencing in our tests).
                     let agent = format!("ray-operator/{} ({})", env!("CARGO_PKG_VERSION"), settings.instance);
                     config.headers.push((http::header::USER_AGENT, http::HeaderValue::from_str(&agent)?));
-                    // No transparent retries. kube's default resends a request answered 429/503/504
-                    // up to 15 times with a backoff of up to 1000 s, below our write fence: a status
-                    // patch refused with 504 while we led was resent after another replica had taken
-                    // the Lease (tests/churn.rs saw it), and a create answered 504 may already exist
-                    // (generateName: a second pod). Our passes retry instead, on a fresh view of the
-                    // cache, through the fence, with the shard's backoff; watches have their own.
-                    config.default_retry = false;
-                    let client = kube::Client::try_from(config)?;
                     info!(
                         "ray-operator {} starting: scope {:?}, leader election {}, {} shards",
                         env!("CARGO_PKG_VERSION"),
@@ -60,7 +52,7 @@ fn main() -> anyhow::Result<()> {
                         )),
                         settings.shards
                     );
-                    ray_operator::runtime::run(client, settings).await
+                    ray_operator::runtime::run(config, settings).await
                 })
         }
     }

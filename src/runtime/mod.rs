@@ -8,6 +8,7 @@
 //! SIGTERM: readiness goes false, shards finish their in-flight reconcile and stop, the Lease is
 //! released, and the process exits — well inside the pod's grace period. A second signal exits at once.
 
+pub mod client;
 pub mod health;
 pub mod leader;
 pub mod shards;
@@ -54,7 +55,13 @@ pub struct Settings {
 }
 
 /// Runs the operator until SIGTERM/SIGINT.
-pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
+pub async fn run(config: kube::Config, settings: Settings) -> anyhow::Result<()> {
+    let fence = Arc::new(match settings.leader {
+        Some(_) => Fence::default(),
+        None => Fence::always(),
+    });
+    let client = client::reads(&config)?;
+    let writes = client::fenced_writes(&config, fence.clone())?;
     let metrics = Arc::new(Metrics::new());
     let cache = Arc::new(Cache::new());
     let (shutdown_tx, shutdown_rx) = tokio_watch::channel(false);
@@ -68,10 +75,6 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     health::spawn(settings.health_addr, metrics.clone(), watch_health.clone(), shutting_down.clone(), health_stop_rx)
         .await?;
 
-    let fence = Arc::new(match settings.leader {
-        Some(_) => Fence::default(),
-        None => Fence::always(),
-    });
     let (leading_tx, mut leading_rx) = tokio_watch::channel(settings.leader.is_none());
     let eligible: Arc<dyn Fn() -> bool + Send + Sync> = {
         let w = watch_health.clone();
@@ -81,7 +84,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         tokio::spawn(leader::run(client.clone(), cfg, fence.clone(), leading_tx, eligible, shutdown_rx.clone()))
     });
 
-    let ctx = context(&client, &cache, &metrics, fence.clone(), &settings);
+    let ctx = context(&writes, &cache, &metrics, fence.clone(), &settings);
 
     tokio::spawn(trim_heap_periodically());
     tokio::spawn(observe_fleet_periodically(cache.clone(), metrics.clone()));
