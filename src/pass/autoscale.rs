@@ -26,11 +26,28 @@ pub(super) struct Scaling {
     pub excess: Vec<String>,
     /// The AutoscalerHealthy condition, when this pass knows it.
     pub condition: Option<ClusterCondition>,
+    /// The head runs but its GCS link has given no verdict yet (new, or no answer so far).
+    pub awaiting_gcs: bool,
 }
 
 fn unhealthy(reason: &'static str, message: String) -> Option<ClusterCondition> {
     Some(ClusterCondition::new(ConditionType::AutoscalerHealthy, false, reason, message))
 }
+
+/// The condition while a link waits for its first answer: "connecting" replaces only what a head
+/// that did not run said (or nothing); a verdict from before (an operator restart, a new link to
+/// the same cluster) stays until the new link has one.
+fn connecting(cluster: &RayCluster, addr: &str) -> Option<ClusterCondition> {
+    let conditions = cluster.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let last = conditions.iter().find(|c| c.type_ == ConditionType::AutoscalerHealthy.as_str());
+    if last.is_some_and(|c| c.reason != HEAD_NOT_RUNNING) {
+        return None;
+    }
+    unhealthy("Connecting", format!("connecting to the GCS at {addr}"))
+}
+
+/// The reason while the head pod does not run.
+const HEAD_NOT_RUNNING: &str = "HeadNotRunning";
 
 /// The GCS address of a cluster: the override annotation (only if `allow_annotation`: the operator
 /// flag that lets RayCluster editors choose where the operator connects), else the head Service's
@@ -95,7 +112,7 @@ pub(super) fn autoscale(input: &PassInput<'_>, desired: &Desired, out: &mut Pass
     clamp_targets(&mut out.memory.targets, desired, global_max);
     if !observed::head_is_running(input.pods, &desired.head.hash) {
         out.ray.link = LinkAction::Stop;
-        let condition = unhealthy("HeadNotRunning", "waiting for the head pod to run".into());
+        let condition = unhealthy(HEAD_NOT_RUNNING, "waiting for the head pod to run".into());
         return Scaling { condition, ..Default::default() };
     }
     let allow = input.settings.autoscaler.as_ref().is_some_and(|a| a.gcs_address_annotation);
@@ -103,8 +120,9 @@ pub(super) fn autoscale(input: &PassInput<'_>, desired: &Desired, out: &mut Pass
     let Some(ray) = input.ray.filter(|r| r.addr == addr) else {
         // A new link knows nothing yet: keep what exists, and whatever the condition said (an
         // operator restart must not rewrite the status of every cluster).
+        let condition = connecting(input.cluster, &addr);
         out.ray.link = LinkAction::Connect(addr);
-        return Scaling::default();
+        return Scaling { condition, awaiting_gcs: true, ..Default::default() };
     };
     // Forget drains of pods that are gone, and rejected ones (the node got work: keep it).
     let names: BTreeSet<&str> = input.pods.iter().map(|p| p.name.as_str()).collect();
@@ -115,13 +133,14 @@ pub(super) fn autoscale(input: &PassInput<'_>, desired: &Desired, out: &mut Pass
 
     let Some(snapshot) = ray.snapshot else {
         // No fresh view of Ray: never scale down, keep what exists (at least minWorkers).
-        let condition = match ray.health {
+        let (condition, awaiting_gcs) = match ray.health {
             LinkHealth::Unhealthy { reason, message } => {
-                unhealthy(gcs_reason(reason), format!("GCS at {addr}: {message}"))
+                (unhealthy(gcs_reason(reason), format!("GCS at {addr}: {message}")), false)
             }
-            _ => None,
+            LinkHealth::Connecting => (connecting(input.cluster, &addr), true),
+            LinkHealth::Healthy => (None, false),
         };
-        return Scaling { draining, condition, ..Default::default() };
+        return Scaling { draining, condition, awaiting_gcs, ..Default::default() };
     };
     let idle_ms = i64::from(input.cluster.spec.idle_timeout_minutes()) * 60_000;
     let now = SystemTime::from(input.now);
