@@ -186,6 +186,7 @@ pub(super) fn autoscale(input: &PassInput<'_>, desired: &Desired, out: &mut Pass
         delete: s.delete,
         excess,
         condition: Some(ClusterCondition::new(ConditionType::AutoscalerHealthy, true, "GcsReachable", message)),
+        awaiting_gcs: false,
     }
 }
 
