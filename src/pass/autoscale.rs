@@ -46,8 +46,9 @@ fn connecting(cluster: &RayCluster, addr: &str) -> Option<ClusterCondition> {
     unhealthy("Connecting", format!("connecting to the GCS at {addr}"))
 }
 
-/// The reason while the head pod does not run.
-const HEAD_NOT_RUNNING: &str = "HeadNotRunning";
+/// The AutoscalerHealthy reason while the head pod does not run: the GCS is not expected to
+/// answer, so this is no GCS failure (the fleet gauge and its alert leave it out).
+pub const HEAD_NOT_RUNNING: &str = "HeadNotRunning";
 
 /// The GCS address of a cluster: the override annotation (only if `allow_annotation`: the operator
 /// flag that lets RayCluster editors choose where the operator connects), else the head Service's

@@ -24,7 +24,7 @@ use crate::autoscaler::scale::{DrainCandidate, DrainState, LinkHealth};
 use crate::model::desired::{Desired, InvalidSpec, NodeKind};
 use crate::model::observed::{ObservedPod, ObservedService};
 use crate::ray::{AutoscalingReport, ClusterState};
-pub use autoscale::gcs_address;
+pub use autoscale::{HEAD_NOT_RUNNING, gcs_address};
 use conditions::ConditionType;
 use plan::{Action, DeleteReason, Observed, Targets};
 

@@ -274,24 +274,33 @@ async fn observe_fleet_periodically(cache: Arc<Cache>, metrics: Arc<Metrics>) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {
         tick.tick().await;
-        let mut phases = [0i64; crate::metrics::PHASES.len()];
-        let (mut unreachable, mut unschedulable) = (0i64, 0i64);
-        for key in cache.cluster_keys() {
-            let Some(cluster) = cache.cluster(&key) else { continue };
-            let status = cluster.status.as_ref();
-            let phase = status.and_then(|s| s.phase).map_or("Pending", |p| p.as_str());
-            if let Some(i) = crate::metrics::PHASES.iter().position(|p| *p == phase) {
-                phases[i] += 1;
-            }
-            let autoscaler_down = |s: &crate::api::RayClusterStatus| {
-                s.conditions.iter().any(|c| c.type_ == "AutoscalerHealthy" && c.status == "False")
-            };
-            unreachable += i64::from(status.is_some_and(autoscaler_down));
-            unschedulable +=
-                cache.pods(&key).iter().filter(|p| p.is_live() && p.unschedulable_since.is_some()).count() as i64;
-        }
+        let (phases, unreachable, unschedulable) = fleet(&cache);
         metrics.set_fleet(phases, unreachable, unschedulable);
     }
+}
+
+/// Clusters by phase, clusters whose GCS cannot be read, and unschedulable Ray pods.
+fn fleet(cache: &Cache) -> ([i64; crate::metrics::PHASES.len()], i64, i64) {
+    let mut phases = [0i64; crate::metrics::PHASES.len()];
+    let (mut unreachable, mut unschedulable) = (0i64, 0i64);
+    // A head that does not run (yet) is the unschedulable alert's business, not this one's.
+    let autoscaler_down = |s: &crate::api::RayClusterStatus| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "AutoscalerHealthy" && c.status == "False" && c.reason != crate::pass::HEAD_NOT_RUNNING)
+    };
+    for key in cache.cluster_keys() {
+        let Some(cluster) = cache.cluster(&key) else { continue };
+        let status = cluster.status.as_ref();
+        let phase = status.and_then(|s| s.phase).map_or("Pending", |p| p.as_str());
+        if let Some(i) = crate::metrics::PHASES.iter().position(|p| *p == phase) {
+            phases[i] += 1;
+        }
+        unreachable += i64::from(status.is_some_and(autoscaler_down));
+        unschedulable +=
+            cache.pods(&key).iter().filter(|p| p.is_live() && p.unschedulable_since.is_some()).count() as i64;
+    }
+    (phases, unreachable, unschedulable)
 }
 
 /// SIGTERM and SIGINT as one stream.
@@ -311,5 +320,41 @@ impl Signals {
             _ = self.term.recv() => {}
             _ = self.int.recv() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(name: &str, autoscaler: Option<(&str, &str)>) -> crate::api::RayCluster {
+        let conditions: Vec<serde_json::Value> = autoscaler
+            .into_iter()
+            .map(|(status, reason)| {
+                serde_json::json!({"type": "AutoscalerHealthy", "status": status, "reason": reason, "message": "m",
+                    "lastTransitionTime": "2026-12-01T00:00:00Z"})
+            })
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "cluster.ray.io/v1", "kind": "RayCluster",
+            "metadata": {"name": name, "namespace": "ns"},
+            "spec": {"maxWorkers": 1, "headPodType": "head", "podTypes": []},
+            "status": {"phase": "Running", "conditions": conditions},
+        }))
+        .expect("a RayCluster")
+    }
+
+    #[test]
+    fn the_unreachable_gauge_counts_gcs_failures_not_heads_that_do_not_run() {
+        let cache = Cache::new();
+        cache.put_cluster(cluster("reachable", Some(("True", "GcsReachable"))));
+        cache.put_cluster(cluster("unreachable", Some(("False", "GcsUnreachable"))));
+        cache.put_cluster(cluster("connecting", Some(("False", "Connecting"))));
+        cache.put_cluster(cluster("head-pending", Some(("False", crate::pass::HEAD_NOT_RUNNING))));
+        cache.put_cluster(cluster("no-autoscaler", None));
+        let (phases, unreachable, _) = fleet(&cache);
+        assert_eq!(unreachable, 2, "GcsUnreachable and Connecting count; HeadNotRunning does not");
+        let running = crate::metrics::PHASES.iter().position(|p| *p == "Running").expect("Running is a phase");
+        assert_eq!(phases[running], 5);
     }
 }
