@@ -197,6 +197,9 @@ async fn conditional_write(leases: &Api<Lease>, cfg: &LeaderConfig, lease: &Leas
     leases.patch(&cfg.lease_name, &PatchParams::default(), &Patch::Merge(&patch)).await
 }
 
+/// How often a replica that may not lead yet checks whether it may now.
+const ELIGIBILITY_RECHECK: Duration = Duration::from_millis(50);
+
 /// Runs the election until `shutdown`; publishes leadership on `leading` and keeps `fence` current.
 ///
 /// `eligible` says whether this replica may lead: its watches have listed and none is forbidden.
@@ -216,6 +219,11 @@ pub async fn run(
     let window = cfg.ttl.saturating_sub(cfg.margin());
     let mut last_holder = String::new();
     let mut warned_ineligible = false;
+    // While this replica may not lead (its first lists are under way), the Lease is read once a
+    // renew period, but eligibility is checked often: a replica must lead as soon as its caches
+    // are listed, not up to a renew period later (an operator restart after an outage waited
+    // 5 s for nothing).
+    let mut last_ineligible_round: Option<Instant> = None;
     loop {
         if *shutdown.borrow() {
             break;
@@ -234,6 +242,15 @@ pub async fn run(
             debug!("not taking the lease until every watch has listed and is permitted");
         }
         warned_ineligible = !may_take;
+        if may_take {
+            last_ineligible_round = None;
+        } else if !was_leading && last_ineligible_round.is_some_and(|t| t.elapsed() < cfg.renew_every) {
+            tokio::select! {
+                _ = tokio::time::sleep(ELIGIBILITY_RECHECK) => {}
+                _ = shutdown.changed() => {}
+            }
+            continue;
+        }
         let started = Instant::now();
         // A renew that hangs must not keep us "leader": a leader's round may take the time its
         // fence has left (a slow API server then costs no hand-over), a standby's a renew period.
@@ -283,6 +300,10 @@ pub async fn run(
                 warn!("lease renew timed out");
                 wait = Duration::from_millis(200);
             }
+        }
+        if !may_take {
+            last_ineligible_round = Some(started);
+            wait = wait.min(ELIGIBILITY_RECHECK);
         }
         let fence_deadline = fence.deadline();
         tokio::select! {
