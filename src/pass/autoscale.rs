@@ -119,8 +119,9 @@ pub(super) fn autoscale(input: &PassInput<'_>, desired: &Desired, out: &mut Pass
     let allow = input.settings.autoscaler.as_ref().is_some_and(|a| a.gcs_address_annotation);
     let addr = gcs_address(input.cluster, desired, input.service.and_then(|s| s.cluster_ip.as_deref()), allow);
     let Some(ray) = input.ray.filter(|r| r.addr == addr) else {
-        // A new link knows nothing yet: keep what exists, and whatever the condition said (an
-        // operator restart must not rewrite the status of every cluster).
+        // A new link knows nothing yet: keep what exists. The condition says "connecting" only
+        // where it said the head did not run; any other verdict stays (an operator restart must
+        // not rewrite the status of every cluster).
         let condition = connecting(input.cluster, &addr);
         out.ray.link = LinkAction::Connect(addr);
         return Scaling { condition, awaiting_gcs: true, ..Default::default() };
