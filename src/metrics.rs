@@ -27,6 +27,7 @@ pub struct Metrics {
     created: Family<Labels, Counter>,
     deleted: Family<Labels, Counter>,
     writes: Family<Labels, Counter>,
+    events_dropped: Counter,
     autoscaler_decisions: Family<Labels, Counter>,
     gcs_errors: Counter,
     gcs_calls: Family<Labels, Counter>,
@@ -62,6 +63,7 @@ impl Metrics {
         let created = Family::<Labels, Counter>::default();
         let deleted = Family::<Labels, Counter>::default();
         let writes = Family::<Labels, Counter>::default();
+        let events_dropped = Counter::default();
         let autoscaler_decisions = Family::<Labels, Counter>::default();
         let gcs_errors = Counter::default();
         let gcs_calls = Family::<Labels, Counter>::default();
@@ -84,6 +86,11 @@ impl Metrics {
         registry.register("children_created", "Child objects created, by kind", created.clone());
         registry.register("children_deleted", "Child objects deleted, by kind", deleted.clone());
         registry.register("api_writes", "Write requests to the API server, by target", writes.clone());
+        registry.register(
+            "events_dropped",
+            "Events not published because the Event queue was full",
+            events_dropped.clone(),
+        );
         registry.register(
             "autoscaler_decisions",
             "Autoscaler decisions that changed something, by direction",
@@ -114,7 +121,7 @@ impl Metrics {
         zero(&errors, "reason", &RECONCILE_ERROR_REASONS);
         // pass::Scaled::as_str (metrics is a leaf module: it imports nothing of the operator's).
         zero(&autoscaler_decisions, "direction", &["up", "down"]);
-        zero(&writes, "target", &["status", "service"]);
+        zero(&writes, "target", &["status", "service", "event"]);
         zero(&created, "kind", &["pod"]);
         zero(&deleted, "kind", &["pod"]);
         zero(&gcs_calls, "method", &["GetClusterResourceState", "DrainNode", "ReportAutoscalingState"]);
@@ -132,6 +139,7 @@ impl Metrics {
             created,
             deleted,
             writes,
+            events_dropped,
             autoscaler_decisions,
             gcs_errors,
             gcs_calls,
@@ -172,6 +180,10 @@ impl Metrics {
 
     pub fn api_write(&self, target: &str) {
         self.writes.get_or_create(&label("target", target)).inc();
+    }
+
+    pub fn event_dropped(&self) {
+        self.events_dropped.inc();
     }
 
     pub fn autoscaler_decision(&self, direction: &str) {

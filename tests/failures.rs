@@ -148,7 +148,7 @@ async fn a_resource_quota_refuses_pods_then_lets_them_all_in_within_5s() {
     eprintln!("quota pods=1: {refused} refused pod creates in {window:?}");
     assert!((2..=8).contains(&refused), "bounded retries, not a storm (nor none): {refused} in {window:?}");
 
-    // One Event for all the refusals, counted (kube's recorder aggregates a series).
+    // One Event for all the refusals, counted (reconciler::events folds repeats into a series).
     let events = failed_create_events(&client, &ns.name, "q").await;
     assert_eq!(events.len(), 1, "one aggregated FailedCreate Event: {events:#?}");
     let e = &events[0];

@@ -318,7 +318,7 @@ async fn unschedulable_worker_is_given_up_with_a_warning_event() {
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns.name);
     wait_until(Duration::from_secs(30), "LaunchFailed warning events", || async {
         let l = events.list(&ListParams::default()).await.ok()?;
-        // Repeats of one reason on one object are folded into an Event series (kube's Recorder):
+        // Repeats of one reason on one object are folded into an Event series (reconciler::events):
         // count occurrences, not objects.
         let n: i32 = l
             .items
@@ -341,4 +341,70 @@ async fn unschedulable_worker_is_given_up_with_a_warning_event() {
     let large =
         pods.list(&ListParams::default().labels("ray-cluster-name=stuck,ray-user-node-type=large")).await.unwrap();
     assert_eq!(large.items.len(), 2);
+}
+
+/// The operator's Event publisher against the API server: repeats of one (object, type, reason)
+/// are one Event whose `series.count` rises; an Event that went away starts a new series; another
+/// reason, or another object, is an Event of its own.
+#[tokio::test]
+async fn repeated_events_fold_into_one_counted_event_and_a_deleted_one_starts_afresh() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use k8s_openapi::api::events::v1::Event;
+    use kube::Resource;
+    use kube::api::PostParams;
+    use ray_operator::reconciler::{Events, Occurrence, Reporter};
+
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "rc-events").await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+    let mut refs = Vec::new();
+    for name in ["a", "b"] {
+        let cm = ConfigMap {
+            metadata: kube::api::ObjectMeta { name: Some(name.into()), ..Default::default() },
+            ..Default::default()
+        };
+        refs.push(cms.create(&PostParams::default(), &cm).await.unwrap().object_ref(&()));
+    }
+    let events = Events::new(client.clone(), Reporter { controller: "ray-operator".into(), instance: "test".into() });
+    let refused = Occurrence { warning: true, reason: "FailedCreate", note: "exceeded quota".into() };
+    for _ in 0..3 {
+        events.publish(&refs[0], &refused).await.unwrap();
+    }
+    events.publish(&refs[0], &Occurrence { warning: false, reason: "Created", note: "created".into() }).await.unwrap();
+    events.publish(&refs[1], &refused).await.unwrap();
+
+    let api: Api<Event> = Api::namespaced(client.clone(), &ns.name);
+    let list = |reason: &'static str, object: &'static str| {
+        let api = api.clone();
+        async move {
+            let l = api.list(&ListParams::default()).await.unwrap();
+            l.items
+                .into_iter()
+                .filter(|e| {
+                    e.reason.as_deref() == Some(reason)
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(object)
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    let a = list("FailedCreate", "a").await;
+    assert_eq!(a.len(), 1, "three occurrences, one Event: {a:#?}");
+    assert_eq!(a[0].series.as_ref().map(|s| s.count), Some(3), "{:?}", a[0].series);
+    assert_eq!(a[0].type_.as_deref(), Some("Warning"));
+    assert_eq!(a[0].note.as_deref(), Some("exceeded quota"));
+    assert_eq!(a[0].reporting_controller.as_deref(), Some("ray-operator"));
+    assert_eq!(a[0].reporting_instance.as_deref(), Some("test"));
+    let created = list("Created", "a").await;
+    assert_eq!((created.len(), created[0].series.is_none()), (1, true), "{created:#?}");
+    assert_eq!(list("FailedCreate", "b").await.len(), 1);
+    assert_eq!(events.series_len(), 3);
+
+    // The Event is deleted (as the API server's TTL does after an hour): the next occurrence
+    // creates a new one rather than failing to count into the old.
+    api.delete(&a[0].name_any(), &DeleteParams::default()).await.unwrap();
+    events.publish(&refs[0], &refused).await.unwrap();
+    let again = list("FailedCreate", "a").await;
+    assert_eq!(again.len(), 1, "{again:#?}");
+    assert_ne!(again[0].name_any(), a[0].name_any());
+    assert!(again[0].series.is_none(), "a new series: {:?}", again[0].series);
 }

@@ -118,6 +118,10 @@ struct Args {
     /// "KubeRay tuned"; default all).
     #[arg(long, value_delimiter = ',')]
     peers: Vec<String>,
+    /// Side by side: only these scenarios ("live", "backlog"; default both). At N = 10,000 each
+    /// run takes about half an hour on 2 cores.
+    #[arg(long, value_delimiter = ',')]
+    peer_scenarios: Vec<String>,
     /// Side by side: largest N at which KubeRay's defaults are run (one reconcile at a time at
     /// QPS 100 takes hours at 10,000).
     #[arg(long, default_value_t = 1000)]

@@ -445,7 +445,10 @@ pub(super) async fn peers(opts: &Opts) -> Result<Section> {
             .into(),
     ];
     for &n in &sizes {
-        for scenario in [Scenario::Live, Scenario::Backlog] {
+        let scenarios = [Scenario::Live, Scenario::Backlog]
+            .into_iter()
+            .filter(|s| opts.args.peer_scenarios.is_empty() || opts.args.peer_scenarios.iter().any(|p| p == s.label()));
+        for scenario in scenarios {
             let mut runs: Vec<(Contender, Option<PeerRun>)> = Vec::new();
             for &who in &contenders {
                 // KubeRay's defaults take hours at 10,000 (1 reconcile at a time at QPS 100).

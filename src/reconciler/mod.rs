@@ -12,7 +12,6 @@ use futures::future::join_all;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
-use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
@@ -23,6 +22,9 @@ use crate::metrics::Metrics;
 use crate::model::desired::{self, Desired, LABEL_LAUNCH_HASH};
 use crate::pass::{self, Create, Delete, LinkAction, LogLine, Memory, PassDecision, PassEvent, PassInput, RayView};
 pub use crate::pass::{AutoscalerSettings, Next, PassSettings};
+pub use events::{EventQueue, Events, Occurrence, Reporter};
+
+pub mod events;
 
 /// Field manager of every server-side apply and patch we make.
 pub const FIELD_MANAGER: &str = "ray-operator";
@@ -65,7 +67,7 @@ pub trait WriteFence: Send + Sync {
 pub struct Context {
     pub client: Client,
     pub cache: Arc<Cache>,
-    pub recorder: Recorder,
+    pub events: EventQueue,
     pub metrics: Arc<Metrics>,
     pub settings: PassSettings,
     pub fence: Arc<dyn WriteFence>,
@@ -176,7 +178,7 @@ pub async fn reconcile(ctx: &Context, key: &ClusterKey, slot: &mut ClusterSlot) 
 }
 
 /// Records what the API server did to this pass's pod creates in the memory: a refusal (with a
-/// Warning Event, which the recorder aggregates into one counted Event per cluster) or, once a
+/// Warning Event, which [`Events`] folds into one counted Event per cluster) or, once a
 /// create succeeds, the end of one. True when creates were refused.
 fn refusal(
     ctx: &Context,
@@ -215,17 +217,8 @@ fn event(ctx: &Context, cluster: &RayCluster, e: &PassEvent) {
     if !ctx.fence.allowed() {
         return;
     }
-    let recorder = ctx.recorder.clone();
-    let reference = cluster.object_ref(&());
-    let type_ = if e.warning { EventType::Warning } else { EventType::Normal };
-    let ev =
-        Event { type_, reason: e.reason.into(), note: Some(e.note.clone()), action: e.reason.into(), secondary: None };
-    // Events are best effort and must not hold up the reconcile (or its shard) on a slow API server.
-    tokio::spawn(async move {
-        if let Err(e) = recorder.publish(&ev, &reference).await {
-            debug!("event publish failed: {e}");
-        }
-    });
+    let o = Occurrence { warning: e.warning, reason: e.reason, note: e.note.clone() };
+    ctx.events.send(cluster.object_ref(&()), o);
 }
 
 /// Starts, replaces or stops the cluster's GCS link, and hands it the pass's drains and report.

@@ -20,7 +20,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use kube::Client;
-use kube::runtime::events::{Recorder, Reporter};
 use tokio::sync::mpsc::unbounded_channel;
 use tokio::sync::watch as tokio_watch;
 use tracing::{info, warn};
@@ -28,10 +27,20 @@ use tracing::{info, warn};
 use crate::cache::Cache;
 use crate::metrics::Metrics;
 use crate::model::desired::OwnServiceAccount;
-use crate::reconciler::{AutoscalerSettings, Context, MAX_CONCURRENT_GCS_CALLS, PassSettings};
+use crate::reconciler::{
+    AutoscalerSettings, Context, EventQueue, Events, MAX_CONCURRENT_GCS_CALLS, PassSettings, Reporter,
+};
 use leader::{Fence, LeaderConfig};
 use shards::Shards;
 use watch::{Change, Scope};
+
+/// Events waiting to be published, at most (about 0.4 KB each): a bring-up of 10,000 clusters
+/// queues one each without dropping any even if the API server took none of them meanwhile.
+const EVENT_QUEUE: usize = 10_000;
+
+/// Event requests in flight at once: a small share of the API server next to the pod creates,
+/// and still hundreds of Events per second.
+const EVENTS_IN_FLIGHT: usize = 4;
 
 /// How long a stopping replica keeps answering `/readyz` with 503 after releasing the Lease.
 const SHUTDOWN_LINGER: Duration = Duration::from_millis(500);
@@ -193,9 +202,14 @@ fn context(
     Arc::new(Context {
         client: client.clone(),
         cache: cache.clone(),
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter { controller: "ray-operator".into(), instance: Some(settings.instance.clone()) },
+        events: EventQueue::start(
+            Arc::new(Events::new(
+                client.clone(),
+                Reporter { controller: "ray-operator".into(), instance: settings.instance.clone() },
+            )),
+            metrics.clone(),
+            EVENT_QUEUE,
+            EVENTS_IN_FLIGHT,
         ),
         metrics: metrics.clone(),
         settings: PassSettings {
