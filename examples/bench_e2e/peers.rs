@@ -85,6 +85,8 @@ struct PeerRun {
     cpu_s: f64,
     cp_cpu_s: f64,
     requests: ReqCounts,
+    /// ray-operator only: a standby replica started once all pods ran (peak, settled RSS).
+    standby_rss: Option<(f64, f64)>,
 }
 
 /// KubeRay's RayCluster (ray.io/v1) equivalent to `deploy/example_cluster.yaml`: a head and one
@@ -401,6 +403,16 @@ async fn finish(
         None => ProcStats::default(),
     };
     let reqs = cp.requests(who.agent_tag())?;
+    let standby_rss = match &running {
+        Some(Running::Ours(_)) => match standby(opts, cp).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                log(format!("  ray-operator standby FAILED: {e:#}"));
+                None
+            }
+        },
+        _ => None,
+    };
     drop(running);
     Ok(PeerRun {
         pods_s: (t_pods - t0).as_secs_f64(),
@@ -410,7 +422,21 @@ async fn finish(
         cpu_s: after.cpu_s - cpu0.cpu_s,
         cp_cpu_s: cp.cpu_s() - cp_cpu0,
         requests: ReqCounts::of(&reqs, sys0, sys1),
+        standby_rss,
     })
+}
+
+/// A second replica of ours, started after the run (so it costs the timed part nothing) while
+/// the leader still holds the Lease: it lists all N clusters, 3N pods and N Services at once (the
+/// worst moment of a standby's life) and then only watches. Peak and settled RSS, 10 s after its
+/// caches are listed.
+async fn standby(opts: &Opts, cp: &Cp) -> Result<(f64, f64)> {
+    let p = OpProc::start(opts, cp, "bench-standby", OPERATOR_NS, &[])?;
+    p.wait_ready().await?;
+    tokio::time::sleep(Duration::from_secs(if opts.smoke() { 2 } else { 10 })).await;
+    let s = proc_stats(p.pid()).ok_or_else(|| anyhow!("the standby exited"))?;
+    log(format!("  ray-operator standby: peak RSS {:.1} MiB, settled {:.1} MiB", s.hwm_mib, s.rss_mib));
+    Ok((s.hwm_mib, s.rss_mib))
 }
 
 pub(super) async fn peers(opts: &Opts) -> Result<Section> {
@@ -438,7 +464,9 @@ pub(super) async fn peers(opts: &Opts) -> Result<Section> {
          the Go module proxy (`e2e/kuberay/build`), a local process with leader election, its CRDs applied \
          server-side; defaults (`--reconcile-concurrency 1`, QPS 100, burst 200) and tuned \
          (`--reconcile-concurrency 10 --qps 1000 --burst 2000`). RSS is VmHWM (peak) and VmRSS 10 s after all pods \
-         Running (settled); API requests from the audit log by user agent."
+         Running (settled); API requests from the audit log by user agent. For ray-operator, a standby replica is \
+         then started beside the leader (so it costs the timed part nothing): it lists every cluster, pod and Service \
+         at once and then only watches; its RSS is read 10 s after its caches are listed."
             .into(),
         "\"ours ÷ KubeRay tuned\": for times, KubeRay's ÷ ours (above 1 = we are faster); for RSS, KubeRay's ÷ ours \
          (how many times smaller we are)."
@@ -490,12 +518,16 @@ fn peer_rows(sec: &mut Section, n: usize, scenario: Scenario, runs: &[(Contender
     }
     type Figure<'a> = (&'a str, &'a dyn Fn(&PeerRun) -> f64, &'a str, usize, bool, Cmp);
     let writes = |r: &PeerRun| r.requests.writes() as f64 / n as f64;
-    let figures: [Figure<'_>; 9] = [
+    let standby_peak = |r: &PeerRun| r.standby_rss.map_or(f64::NAN, |s| s.0);
+    let standby_settled = |r: &PeerRun| r.standby_rss.map_or(f64::NAN, |s| s.1);
+    let figures: [Figure<'_>; 11] = [
         ("all pods exist", &|r| r.pods_s, "s", 1, true, Cmp::TheirsOverOurs),
         ("all pods Running", &|r| r.running_s, "s", 1, true, Cmp::TheirsOverOurs),
         ("pods per second", &|r| 3.0 * n as f64 / r.pods_s.max(1e-9), "/s", 0, true, Cmp::None),
         ("peak RSS", &|r| r.peak_rss, "MiB", 1, false, Cmp::TheirsOverOurs),
         ("settled RSS", &|r| r.settled_rss, "MiB", 1, false, Cmp::TheirsOverOurs),
+        ("standby peak RSS", &standby_peak, "MiB", 1, false, Cmp::None),
+        ("standby settled RSS", &standby_settled, "MiB", 1, false, Cmp::None),
         ("CPU (user+system)", &|r| r.cpu_s, "s", 1, false, Cmp::TheirsOverOurs),
         (
             "API requests per cluster (non-watch)",
@@ -512,7 +544,8 @@ fn peer_rows(sec: &mut Section, n: usize, scenario: Scenario, runs: &[(Contender
         let mut cells = vec![n.to_string(), scenario.label().to_string(), figure.to_string()];
         for (who, r) in runs {
             cells.push(match r {
-                Some(r) if with_base || *who != Contender::Baseline => {
+                // NaN: a figure this contender does not have (a standby of KubeRay).
+                Some(r) if (with_base || *who != Contender::Baseline) && !f(r).is_nan() => {
                     format!("{:.prec$} {unit}", f(r)).trim().to_string()
                 }
                 Some(_) => "—".into(),
@@ -532,6 +565,9 @@ fn peer_rows(sec: &mut Section, n: usize, scenario: Scenario, runs: &[(Contender
                 "≤ 128 MiB; ≥ 3× smaller than KubeRay tuned".to_string(),
                 ours.zip(tuned).map(|(o, t)| o.peak_rss <= 128.0 && t.peak_rss / o.peak_rss >= 3.0),
             ),
+            "standby peak RSS" if n >= 10000 => {
+                ("≤ 128 MiB".to_string(), ours.and_then(|o| o.standby_rss).map(|s| s.0 <= 128.0))
+            }
             "peak RSS" => (
                 "≥ 3× smaller than KubeRay tuned".to_string(),
                 ours.zip(tuned).map(|(o, t)| t.peak_rss / o.peak_rss >= 3.0),
