@@ -72,9 +72,7 @@ impl EventQueue {
                         match events.publish(&regarding, &o).await {
                             Ok(()) => m.api_write("event"),
                             Err(e) => {
-                                let (name, ns) = (regarding.name.as_deref(), regarding.namespace.as_deref());
-                                let (name, ns) = (name.unwrap_or_default(), ns.unwrap_or_default());
-                                debug!("{name}: {ns}: {} Event not published: {e}", o.reason);
+                                debug!("{}: {} Event not published: {e}", prefix(&regarding), o.reason);
                             }
                         }
                     }
@@ -93,15 +91,18 @@ impl EventQueue {
                 self.metrics.event_dropped();
                 let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
                 if n == 1 || n.is_multiple_of(1000) {
-                    let (name, ns) = (regarding.name.as_deref(), regarding.namespace.as_deref());
-                    let (name, ns) = (name.unwrap_or_default(), ns.unwrap_or_default());
-                    warn!("{name}: {ns}: Event queue full, {} Event dropped ({n} dropped so far)", o.reason);
+                    warn!("{}: Event queue full, {} Event dropped ({n} dropped so far)", prefix(&regarding), o.reason);
                 }
             }
             // The publisher task is gone only when the runtime shuts down.
             Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
     }
+}
+
+/// `<name>: <namespace>`, the prefix of log lines about a cluster (as `ClusterKey` prints it).
+fn prefix(r: &ObjectReference) -> String {
+    format!("{}: {}", r.name.as_deref().unwrap_or_default(), r.namespace.as_deref().unwrap_or_default())
 }
 
 /// A series: the Event object that stands for it and how often it happened.
