@@ -21,6 +21,13 @@ use crate::api::RayCluster;
 use crate::cache::{Cache, ClusterKey};
 use crate::model::desired::LABEL_CLUSTER;
 
+/// Objects per page of a watch's (re)list. kube-runtime holds a whole page, decoded, until it has
+/// handed out its last object, and the three watches list at once when a replica starts: at its
+/// default of 500 that was the largest part of a standby's peak (about 15 MiB over its settled
+/// heap at 3,000 clusters in a heaptrack profile). Smaller pages mean more round trips for the
+/// same objects: 300 instead of 60 for 30,000 pods.
+const LIST_PAGE: u32 = 100;
+
 /// Which namespaces the operator serves.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Scope {
@@ -152,13 +159,13 @@ where
 pub fn spawn(client: Client, cache: Arc<Cache>, scope: &Scope, notify: UnboundedSender<Change>) -> Arc<WatchHealth> {
     let parts = scope.parts();
     let health = Arc::new(WatchHealth::new(parts.len() * 3));
-    let children = watcher::Config::default().labels(LABEL_CLUSTER);
+    let children = watcher::Config::default().labels(LABEL_CLUSTER).page_size(LIST_PAGE);
     for (i, ns) in parts.into_iter().enumerate() {
         let c = cache.clone();
         tokio::spawn(run(
             "rayclusters",
             api::<RayCluster>(&client, &ns),
-            watcher::Config::default(),
+            watcher::Config::default().page_size(LIST_PAGE),
             ns.clone(),
             health.clone(),
             i * 3,
