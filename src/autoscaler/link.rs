@@ -174,7 +174,9 @@ async fn run(
     wake: Waker,
 ) {
     let lock = || shared.lock().unwrap_or_else(|e| e.into_inner());
-    let mut client: Option<GcsClient> = None;
+    // Boxed: the client is 336 bytes, and inline it would sit in every link task's future (one
+    // per cluster) even while the head is unreachable and no client exists.
+    let mut client: Option<Box<GcsClient>> = None;
     let mut failures = 0u32;
     // In the slow pool (see GcsSlots).
     let mut slow = false;
@@ -190,7 +192,7 @@ async fn run(
         let deadline = turn + timeout * 2;
         if client.is_none() {
             match GcsClient::connect_lazy(&addr, timeout) {
-                Ok(c) => client = Some(c),
+                Ok(c) => client = Some(Box::new(c)),
                 Err(e) => warn!("{prefix}: bad GCS address {addr}: {}", e.summary()),
             }
         }
