@@ -178,8 +178,11 @@ async fn churn_soak_three_replicas_fifty_leader_changes() {
         (name.clone(), replica_with(&kc, &op_ns.name, &name, &args))
     };
     let mut ops = BTreeMap::new();
+    // Every replica's log, kept after it exits: a mismatch prints one timeline from all of them.
+    let mut logs: Vec<(String, std::path::PathBuf)> = Vec::new();
     for _ in 0..3 {
         let (n, op) = spawn_replica(&mut next);
+        logs.push((n.clone(), op.log.clone()));
         ops.insert(n, op);
     }
     for op in ops.values() {
@@ -230,6 +233,7 @@ async fn churn_soak_three_replicas_fifty_leader_changes() {
                 assert!(op.wait_exit(Duration::from_secs(10)), "{leader} exits after SIGTERM");
                 ops.remove(&leader);
                 let (n, r) = spawn_replica(&mut next);
+                logs.push((n.clone(), r.log.clone()));
                 ops.insert(n, r);
             }
             1 => {
@@ -238,6 +242,7 @@ async fn churn_soak_three_replicas_fifty_leader_changes() {
                 assert!(op.wait_exit(Duration::from_secs(5)));
                 ops.remove(&leader);
                 let (n, r) = spawn_replica(&mut next);
+                logs.push((n.clone(), r.log.clone()));
                 ops.insert(n, r);
             }
             _ => {
@@ -299,10 +304,19 @@ async fn churn_soak_three_replicas_fifty_leader_changes() {
         ));
         if creates != w.creates {
             mismatched.push(format!("{ns}: {creates} pod creates, needed {}", w.creates));
+            eprintln!("{}", timeline(ns, &log, &op_ns.name, &logs, since));
         }
     }
+    // A create the API server answers later than the fence margin can land after the next leader
+    // has listed; how slow the slowest was says how close this run came to that.
+    let slowest = writes
+        .iter()
+        .filter(|a| a.verb == "create" && a.resource == "pods")
+        .filter_map(|a| a.answered.duration_since(a.at).ok())
+        .max()
+        .unwrap_or_default();
     eprintln!(
-        "churn: {changes} leader changes in {churn_time:?} ({terms} SIGTERM, {kills} SIGKILL, {stops} SIGSTOP/SIGCONT; {} replicas started); {} cluster writes, {} Lease writes, {} writes by a fenced replica\n  {}",
+        "churn: {changes} leader changes in {churn_time:?} ({terms} SIGTERM, {kills} SIGKILL, {stops} SIGSTOP/SIGCONT; {} replicas started); {} cluster writes, {} Lease writes, {} writes by a fenced replica; slowest pod create answered in {slowest:?}\n  {}",
         next,
         writes.len(),
         leases.len(),
@@ -312,4 +326,54 @@ async fn churn_soak_three_replicas_fifty_leader_changes() {
     assert!(changes >= 50, "only {changes} leader changes in {churn_time:?}");
     assert!(fenced.is_empty(), "writes by a replica that no longer held the Lease: {fenced:#?}");
     assert!(mismatched.is_empty(), "pods created more (or fewer) times than the changes needed: {mismatched:#?}");
+}
+
+/// One namespace's story for a failure: its pod writes and the Lease's holders from the audit
+/// log, and every replica's log lines about it, in time order (seconds since the test began).
+fn timeline(
+    ns: &str,
+    log: &[Audited],
+    lease_ns: &str,
+    logs: &[(String, std::path::PathBuf)],
+    since: SystemTime,
+) -> String {
+    let secs = |t: SystemTime| t.duration_since(since).map_or(0.0, |d| d.as_secs_f64());
+    let mut lines: Vec<(f64, String)> = Vec::new();
+    let mut holder = None;
+    for a in log {
+        if a.namespace == ns && (a.resource == "pods" || a.resource == "rayclusters") {
+            lines.push((
+                secs(a.at),
+                format!(
+                    "audit  {:<8} {} {} {} {} (answered after {:.3}s)",
+                    a.replica.as_deref().unwrap_or("test"),
+                    a.verb,
+                    a.resource,
+                    a.code,
+                    a.name,
+                    a.answered.duration_since(a.at).map_or(0.0, |d| d.as_secs_f64())
+                ),
+            ));
+        } else if a.namespace == lease_ns
+            && a.resource == "leases"
+            && a.name == LEASE
+            && (200..300).contains(&a.code)
+            && holder != a.replica
+        {
+            holder = a.replica.clone();
+            lines.push((secs(a.at), format!("lease  {:<8} now writes the Lease", a.replica.as_deref().unwrap_or("-"))));
+        }
+    }
+    for (replica, path) in logs {
+        for l in std::fs::read_to_string(path).unwrap_or_default().lines().filter(|l| l.contains(ns)) {
+            let at = l
+                .rsplit_once(" ts=")
+                .and_then(|(_, ts)| ts.trim().parse::<k8s_openapi::jiff::Timestamp>().ok())
+                .map_or(0.0, |t| secs(SystemTime::from(t)));
+            lines.push((at, format!("log    {replica:<8} {l}")));
+        }
+    }
+    lines.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let body: Vec<String> = lines.into_iter().map(|(t, l)| format!("  {t:8.3}s {l}")).collect();
+    format!("---- timeline of {ns} ----\n{}", body.join("\n"))
 }

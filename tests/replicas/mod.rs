@@ -134,7 +134,10 @@ pub async fn assert_exact(
 /// One request in the audit log.
 #[derive(Clone, Debug)]
 pub struct Audited {
+    /// When the API server received the request.
     pub at: SystemTime,
+    /// When it had answered (the audit event's stage timestamp).
+    pub answered: SystemTime,
     pub verb: String,
     pub resource: String,
     pub namespace: String,
@@ -152,6 +155,7 @@ pub fn audit(path: &Path) -> Vec<Audited> {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter_map(|e| {
             let ts = e["requestReceivedTimestamp"].as_str()?.parse::<k8s_openapi::jiff::Timestamp>().ok()?;
+            let done = e["stageTimestamp"].as_str().and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok());
             let ua = e["userAgent"].as_str().unwrap_or_default();
             let replica = ua
                 .strip_prefix("ray-operator/")
@@ -160,6 +164,7 @@ pub fn audit(path: &Path) -> Vec<Audited> {
                 .map(String::from);
             Some(Audited {
                 at: SystemTime::from(ts),
+                answered: SystemTime::from(done.unwrap_or(ts)),
                 verb: e["verb"].as_str()?.to_string(),
                 resource: e["objectRef"]["resource"].as_str().unwrap_or_default().to_string(),
                 namespace: e["objectRef"]["namespace"].as_str().unwrap_or_default().to_string(),
