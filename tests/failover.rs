@@ -59,8 +59,13 @@ async fn a_woken_standby_acts_on_a_fresh_view_20_times() {
         assert_exact(&client, &ns.name, &BTreeMap::from([(name.clone(), 5)]), Duration::from_secs(20), Duration::ZERO)
             .await;
         leader = std::mem::replace(&mut standby, fresh);
-        let logs = leader.1.logs();
-        assert!(logs.contains("caches listed afresh"), "trial {i}: the new leader relisted before acting");
+        // It took a Lease that was not released, so it first waits a fence margin for the dead
+        // leader's last writes (see `Fence::settle`), then lists: the line may come a moment later.
+        let log = leader.1.log.clone();
+        wait_until(Duration::from_secs(10), &format!("trial {i}: the new leader relisted before acting"), || async {
+            std::fs::read_to_string(&log).unwrap_or_default().contains("caches listed afresh").then_some(())
+        })
+        .await;
     }
     // All 20 clusters still exact after a last hold: nothing was created late.
     assert_exact(&client, &ns.name, &expected, Duration::from_secs(30), Duration::from_secs(1)).await;

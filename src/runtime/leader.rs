@@ -50,11 +50,13 @@ pub struct Fence {
     origin: Instant,
     /// Milliseconds since `origin` until which writes are allowed; 0 = not leader.
     valid_until_ms: AtomicU64,
+    /// How long the current term waits before it lists and acts (see [`Fence::settle`]), in ms.
+    settle_ms: AtomicU64,
 }
 
 impl Default for Fence {
     fn default() -> Self {
-        Self { origin: Instant::now(), valid_until_ms: AtomicU64::new(0) }
+        Self { origin: Instant::now(), valid_until_ms: AtomicU64::new(0), settle_ms: AtomicU64::new(0) }
     }
 }
 
@@ -67,7 +69,18 @@ impl crate::reconciler::WriteFence for Fence {
 impl Fence {
     /// A fence that always allows (single replica without leader election).
     pub fn always() -> Self {
-        Self { origin: Instant::now(), valid_until_ms: AtomicU64::new(u64::MAX) }
+        Self { origin: Instant::now(), valid_until_ms: AtomicU64::new(u64::MAX), settle_ms: AtomicU64::new(0) }
+    }
+
+    /// How long a new leader waits before it lists and acts: zero when the Lease was free
+    /// (released, or never held), the fence margin when it was taken from a holder that did not
+    /// release it. That holder stopped writing a margin before its Lease expired, but a write it
+    /// sent just before may still be inside the API server (admission and storage under a starved
+    /// CPU take longer than a margin). Listing before it lands would miss it, and the new leader
+    /// would make the same pod a second time. Waiting another margin doubles the time such a write
+    /// has to land; it costs only hand-overs that already waited for a Lease to expire.
+    pub fn settle(&self) -> Duration {
+        Duration::from_millis(self.settle_ms.load(Ordering::SeqCst))
     }
 
     fn now_ms(&self) -> u64 {
@@ -106,8 +119,9 @@ fn now_micro() -> MicroTime {
 
 /// What one round of the election found.
 enum Round {
-    /// We hold the Lease: it was renewed or taken by this round's write (its holder as written).
-    Held(String),
+    /// We hold the Lease: it was renewed or taken by this round's write (its holder as written),
+    /// and whether it was taken from another holder that had not released it (it expired).
+    Held(String, bool),
     /// Someone else holds it (or we may not take it); look again after `wait`.
     Other { holder: String, wait: Duration },
     /// Our write lost a race (409): read again at once.
@@ -140,7 +154,7 @@ async fn round(leases: &Api<Lease>, cfg: &LeaderConfig, may_take: bool) -> Resul
             }),
         };
         return match leases.create(&PostParams::default(), &lease).await {
-            Ok(l) => Ok(Round::Held(holder(&l))),
+            Ok(l) => Ok(Round::Held(holder(&l), false)),
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(Round::Raced),
             Err(e) => Err(e),
         };
@@ -165,8 +179,9 @@ async fn round(leases: &Api<Lease>, cfg: &LeaderConfig, may_take: bool) -> Resul
     }
     spec.renew_time = Some(now);
     spec.lease_duration_seconds = Some(ttl);
+    let expired_holder = !ours && !current.is_empty();
     match conditional_write(leases, cfg, &lease).await {
-        Ok(l) => Ok(Round::Held(holder(&l))),
+        Ok(l) => Ok(Round::Held(holder(&l), expired_holder)),
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(Round::Raced),
         Err(e) => Err(e),
     }
@@ -261,8 +276,10 @@ pub async fn run(
         let result = tokio::time::timeout(limit, round(&leases, &cfg, may_take)).await;
         let mut wait = cfg.renew_every;
         match result {
-            Ok(Ok(Round::Held(h))) => {
+            Ok(Ok(Round::Held(h, expired_holder))) => {
                 if !was_leading {
+                    let settle = if expired_holder { cfg.margin() } else { Duration::ZERO };
+                    fence.settle_ms.store(settle.as_millis() as u64, Ordering::SeqCst);
                     info!(
                         "leadership acquired: {} -> {} (lease {}/{})",
                         if last_holder.is_empty() { "<none>" } else { &last_holder },

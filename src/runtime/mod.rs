@@ -110,7 +110,7 @@ pub async fn run(config: kube::Config, settings: Settings) -> anyhow::Result<()>
     if leading {
         // No election: the first list of every watch is fresh; wait for it, no relist needed.
         term += 1;
-        catching_up = Some(catch_up(watch_health.clone(), false, term, caught_up_tx.clone()));
+        catching_up = Some(catch_up(watch_health.clone(), false, Duration::ZERO, term, caught_up_tx.clone()));
     }
     loop {
         tokio::select! {
@@ -138,7 +138,7 @@ pub async fn run(config: kube::Config, settings: Settings) -> anyhow::Result<()>
                 }
                 if leading {
                     term += 1;
-                    catching_up = Some(catch_up(watch_health.clone(), true, term, caught_up_tx.clone()));
+                    catching_up = Some(catch_up(watch_health.clone(), true, fence.settle(), term, caught_up_tx.clone()));
                 } else if let Some(s) = shards.take() {
                     // Lost or fenced: stop at once; the next leader rebuilds from the API server.
                     s.abort();
@@ -228,13 +228,23 @@ fn context(
 /// `relist`: a new leader first makes every watch list afresh (see [`watch::WatchHealth::resync`]
 /// for why), so it never acts on the view of a replica that was frozen or cut off while another
 /// leader worked. The Lease is held meanwhile; that costs a hand-over one list per watched kind.
+/// `settle`: how long to wait before that list, for the last writes of a previous leader that did
+/// not release the Lease (see [`Fence::settle`]).
 fn catch_up(
     watches: Arc<watch::WatchHealth>,
     relist: bool,
+    settle: Duration,
     term: u64,
     done: tokio::sync::mpsc::UnboundedSender<u64>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        if !settle.is_zero() {
+            info!(
+                "took the lease from a leader that did not release it: waiting {:.1}s for its last writes to land before listing",
+                settle.as_secs_f64()
+            );
+            tokio::time::sleep(settle).await;
+        }
         let started = std::time::Instant::now();
         let generation = if relist { watches.resync() } else { 0 };
         let mut waited = 0u32;
