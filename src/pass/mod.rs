@@ -30,9 +30,11 @@ use plan::{Action, DeleteReason, Observed, Targets};
 
 /// How long a status change within the same phase may wait for the next one. Counting ready
 /// pods one by one (`workers 3/500`, `4/500`, ...) would cost a status write per pod event, and
-/// bringing a cluster up would take three (created, head ready, all ready) where two say the
-/// same; phase and generation changes are written at once (but `Running` may wait this long for
-/// the GCS's first answer, so that it is written with its `AutoscalerHealthy`).
+/// bringing a cluster up would take three (created, head ready, all ready) where one says it all;
+/// phase and generation changes are written at once, but for two that may wait this long:
+/// `Running` for the GCS's first answer, so that it is written with its `AutoscalerHealthy`, and
+/// the `Updating` of a pass that creates pods, so that pods which come up within it make the
+/// cluster's one write `Running`.
 pub const STATUS_COALESCE: Duration = Duration::from_secs(1);
 
 /// Autoscaler timing.
@@ -402,8 +404,16 @@ pub fn decide(input: &PassInput<'_>) -> PassDecision {
     };
     let status = plan::status_with(desired, &observed_after, &targets, &planned, extras, input.now);
     let creates_head = out.writes.creates.iter().any(|c| c.worker.is_none());
-    let status_wait =
-        coalesce_status(cluster.status.as_ref(), status, creates_head, scaling.awaiting_gcs, input.now, &mut out);
+    let creates = !out.writes.creates.is_empty();
+    let status_wait = coalesce_status(
+        cluster.status.as_ref(),
+        status,
+        creates_head,
+        creates,
+        scaling.awaiting_gcs,
+        input.now,
+        &mut out,
+    );
     let timers = [status_wait, retry_wait, ray_nodes::next_deadline(input, &out.memory)].into_iter().flatten().min();
     out.next = next(input, more, timers, &out.ray.link);
     out
@@ -482,14 +492,22 @@ fn budget(actions: &[Action], create_batch: usize, writes: &mut Writes) -> bool 
 /// Whether to write `status` now, later or not at all; sets `out.status` and the memory's due
 /// time. Returns how long a deferred write waits.
 ///
-/// Phase and generation changes are urgent, but for one: `Running` while the head's GCS link has
-/// not answered yet waits (at most [`STATUS_COALESCE`]) for that first verdict, which comes
-/// within milliseconds when the GCS is up or refuses connections. So a cluster that comes up
-/// costs two status writes (`Updating`, then `Running` with its `AutoscalerHealthy`), not three.
+/// Phase and generation changes are urgent, but for two, which wait at most [`STATUS_COALESCE`]:
+/// - `Running` while the head's GCS link has not answered yet, for that first verdict, which
+///   comes within milliseconds when the GCS is up or refuses connections;
+/// - `Updating` from a pass that creates pods (`creates`), and from the passes after it until
+///   the wait is due. It says only "pods are on their way", and a status patch of a RayCluster
+///   costs the control plane about 5 ms of CPU, a third of a pod's create (BENCHMARKS.md,
+///   section 7 notes): when the pods come up within the wait, the cluster's one write is
+///   `Running`; when they do not, `Updating` is written a second later.
+///
+/// So a cluster whose pods start at once costs one status write, and one whose pods take longer
+/// two (`Updating`, then `Running` with its `AutoscalerHealthy`), not three.
 fn coalesce_status(
     old: Option<&RayClusterStatus>,
     status: RayClusterStatus,
     creates_head: bool,
+    creates: bool,
     awaiting_gcs: bool,
     now: Timestamp,
     out: &mut PassDecision,
@@ -502,7 +520,11 @@ fn coalesce_status(
     let new_generation = old.is_none_or(|o| o.observed_generation != status.observed_generation);
     let new_phase = old.is_none_or(|o| o.phase != status.phase);
     let waits_for_gcs = awaiting_gcs && status.phase == Some(Phase::Running);
-    let urgent = new_generation || (new_phase && !waits_for_gcs);
+    // Our own creates wake the next pass at once (their pods' watch events), long before the
+    // pods run: a wait that one began holds for `Updating` until it is due.
+    let pods_on_their_way =
+        status.phase == Some(Phase::Updating) && (creates || out.memory.status_due.is_some_and(|due| now < due));
+    let urgent = (new_generation || (new_phase && !waits_for_gcs)) && !pods_on_their_way;
     let coalesce = SignedDuration::try_from(STATUS_COALESCE).unwrap_or(SignedDuration::ZERO);
     let due = *out.memory.status_due.get_or_insert_with(|| now.checked_add(coalesce).unwrap_or(now));
     if urgent || now >= due {

@@ -301,7 +301,9 @@ pub fn status_with(
         conditions,
         pod_types,
         workers: Some(format!("{have}/{want}")),
-        head_pod_name: head_pod_name.or(old.head_pod_name),
+        // The head this pass created, else the current head as observed (a pass that created it
+        // may not have written its status: see `coalesce_status`), else the one last named.
+        head_pod_name: head_pod_name.or_else(|| head.map(|h| h.name.clone())).or(old.head_pod_name),
         head_service_name: desired.service.metadata.name.clone(),
         message: refused,
     }
