@@ -91,6 +91,9 @@ struct MemoryCase {
     /// Seconds from now.
     #[serde(default)]
     status_due_in: Option<i64>,
+    /// The phase the status wait is for (default: any).
+    #[serde(default)]
+    status_due_phase: Option<ray_operator::api::Phase>,
     /// Pod creates were refused; the next try is due in this many seconds (negative: overdue).
     #[serde(default)]
     refused_retry_in: Option<i64>,
@@ -232,6 +235,7 @@ fn world_of(case: &Case) -> World {
         });
         let at = |s: i64| w.now.checked_add(k8s_openapi::jiff::SignedDuration::from_secs(s)).expect("timestamp");
         w.memory.status_due = m.status_due_in.map(at);
+        w.memory.status_due_phase = m.status_due_phase;
         w.memory.refused =
             m.refused_retry_in.map(|s| pass::Refusal { attempts: 1, retry_at: at(s), message: REFUSED.into() });
         w.memory.unregistered_since = m.unregistered_for.iter().map(|(p, s)| (p.clone(), at(-s))).collect();

@@ -80,6 +80,10 @@ pub struct Memory {
     /// When a status change that is not urgent (same phase, same generation) is written at the
     /// latest; set while one waits. See [`STATUS_COALESCE`].
     pub status_due: Option<Timestamp>,
+    /// The phase of the status that waits for `status_due`. A wait for one phase does not cut
+    /// short the next one's: a cluster whose `Updating` waited while its pods started still gives
+    /// its `Running` a moment for the GCS's first verdict. `None`: any phase.
+    pub status_due_phase: Option<Phase>,
     /// Set while the API server refuses this cluster's pod creates (quota, Pod Security,
     /// webhooks, 5xx): no create is tried before `retry_at`, whatever wakes the cluster.
     pub refused: Option<Refusal>,
@@ -515,7 +519,12 @@ fn coalesce_status(
     // A created head gets a new name, so the status changes even if nothing else does.
     if old == Some(&status) && !creates_head {
         out.memory.status_due = None;
+        out.memory.status_due_phase = None;
         return None;
+    }
+    if out.memory.status_due_phase.is_some_and(|p| Some(p) != status.phase) {
+        // The wait was for another phase's status: this one gets a wait of its own.
+        out.memory.status_due = None;
     }
     let new_generation = old.is_none_or(|o| o.observed_generation != status.observed_generation);
     let new_phase = old.is_none_or(|o| o.phase != status.phase);
@@ -524,11 +533,16 @@ fn coalesce_status(
     // pods run: a wait that one began holds for `Updating` until it is due.
     let pods_on_their_way =
         status.phase == Some(Phase::Updating) && (creates || out.memory.status_due.is_some_and(|due| now < due));
-    let urgent = (new_generation || (new_phase && !waits_for_gcs)) && !pods_on_their_way;
+    // A cluster's first status counts as a new generation: its `Running` waits for the GCS too.
+    let urgent = (new_generation || new_phase) && !waits_for_gcs && !pods_on_their_way;
     let coalesce = SignedDuration::try_from(STATUS_COALESCE).unwrap_or(SignedDuration::ZERO);
+    if out.memory.status_due.is_none() {
+        out.memory.status_due_phase = status.phase;
+    }
     let due = *out.memory.status_due.get_or_insert_with(|| now.checked_add(coalesce).unwrap_or(now));
     if urgent || now >= due {
         out.memory.status_due = None;
+        out.memory.status_due_phase = None;
         out.status = Some(status);
         None
     } else {
