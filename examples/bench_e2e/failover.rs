@@ -192,7 +192,7 @@ pub(super) async fn failover(opts: &Opts) -> Result<Section> {
     let c_act = stats(&pick(true, |h| h.first_action));
     // A crash costs the Lease's expiry, then one fence margin (ttl/5, at least 1 s) that the new
     // leader waits for the dead one's last writes before it lists (`Fence::settle`), then the list.
-    let margin = (crash_ttl as f64 / 5.0).max(1.0).min(crash_ttl as f64 / 2.0);
+    let margin = ray_operator::runtime::leader::margin_for(Duration::from_secs(crash_ttl)).as_secs_f64();
     let crash_target = crash_ttl as f64 + margin + 2.0;
     sec.row(vec![
         "signal → new leader acting".into(),

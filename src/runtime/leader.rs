@@ -40,8 +40,13 @@ impl LeaderConfig {
     /// Writes stop this long before the Lease could expire, covering clock rate differences and the
     /// time a request takes to reach the API server.
     pub fn margin(&self) -> Duration {
-        (self.ttl / 5).max(Duration::from_secs(1)).min(self.ttl / 2)
+        margin_for(self.ttl)
     }
+}
+
+/// The fence margin of a Lease of `ttl`: ttl/5, at least 1 s, at most ttl/2.
+pub fn margin_for(ttl: Duration) -> Duration {
+    (ttl / 5).max(Duration::from_secs(1)).min(ttl / 2)
 }
 
 /// Whether this replica may write now.
