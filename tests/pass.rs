@@ -234,8 +234,7 @@ fn world_of(case: &Case) -> World {
             other => other.to_string(),
         });
         let at = |s: i64| w.now.checked_add(k8s_openapi::jiff::SignedDuration::from_secs(s)).expect("timestamp");
-        w.memory.status_due = m.status_due_in.map(at);
-        w.memory.status_due_phase = m.status_due_phase;
+        w.memory.status_due = m.status_due_in.map(|s| pass::StatusDue { at: at(s), phase: m.status_due_phase });
         w.memory.refused =
             m.refused_retry_in.map(|s| pass::Refusal { attempts: 1, retry_at: at(s), message: REFUSED.into() });
         w.memory.unregistered_since = m.unregistered_for.iter().map(|(p, s)| (p.clone(), at(-s))).collect();

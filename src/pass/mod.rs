@@ -77,13 +77,8 @@ pub struct Memory {
     /// bounds. Kept rather than recounted from pods, because during a rolling replacement old and
     /// new pods of one logical worker both exist.
     pub targets: BTreeMap<String, u32>,
-    /// When a status change that is not urgent (same phase, same generation) is written at the
-    /// latest; set while one waits. See [`STATUS_COALESCE`].
-    pub status_due: Option<Timestamp>,
-    /// The phase of the status that waits for `status_due`. A wait for one phase does not cut
-    /// short the next one's: a cluster whose `Updating` waited while its pods started still gives
-    /// its `Running` a moment for the GCS's first verdict. `None`: any phase.
-    pub status_due_phase: Option<Phase>,
+    /// Set while a status write waits (see [`STATUS_COALESCE`]): when it is written at the latest.
+    pub status_due: Option<StatusDue>,
     /// Set while the API server refuses this cluster's pod creates (quota, Pod Security,
     /// webhooks, 5xx): no create is tried before `retry_at`, whatever wakes the cluster.
     pub refused: Option<Refusal>,
@@ -95,6 +90,17 @@ pub struct Memory {
     pub gcs_down_since: Option<Timestamp>,
     /// The head pod whose GCS has answered (only such a head is recovered when its GCS goes silent).
     pub gcs_answered: Option<String>,
+}
+
+/// A status write that waits.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StatusDue {
+    /// When it is written at the latest.
+    pub at: Timestamp,
+    /// The phase of the status that waits. A wait for one phase does not cut short the next
+    /// one's: a cluster whose `Updating` waited while its pods started still gives its `Running`
+    /// a moment for the GCS's first verdict. `None`: any phase.
+    pub phase: Option<Phase>,
 }
 
 /// Pod creates the API server refused, and when to try again.
@@ -519,10 +525,9 @@ fn coalesce_status(
     // A created head gets a new name, so the status changes even if nothing else does.
     if old == Some(&status) && !creates_head {
         out.memory.status_due = None;
-        out.memory.status_due_phase = None;
         return None;
     }
-    if out.memory.status_due_phase.is_some_and(|p| Some(p) != status.phase) {
+    if out.memory.status_due.as_ref().is_some_and(|d| d.phase.is_some_and(|p| Some(p) != status.phase)) {
         // The wait was for another phase's status: this one gets a wait of its own.
         out.memory.status_due = None;
     }
@@ -531,18 +536,18 @@ fn coalesce_status(
     let waits_for_gcs = awaiting_gcs && status.phase == Some(Phase::Running);
     // Our own creates wake the next pass at once (their pods' watch events), long before the
     // pods run: a wait that one began holds for `Updating` until it is due.
-    let pods_on_their_way =
-        status.phase == Some(Phase::Updating) && (creates || out.memory.status_due.is_some_and(|due| now < due));
+    let pods_on_their_way = status.phase == Some(Phase::Updating)
+        && (creates || out.memory.status_due.as_ref().is_some_and(|d| now < d.at));
     // A cluster's first status counts as a new generation: its `Running` waits for the GCS too.
     let urgent = (new_generation || new_phase) && !waits_for_gcs && !pods_on_their_way;
     let coalesce = SignedDuration::try_from(STATUS_COALESCE).unwrap_or(SignedDuration::ZERO);
-    if out.memory.status_due.is_none() {
-        out.memory.status_due_phase = status.phase;
-    }
-    let due = *out.memory.status_due.get_or_insert_with(|| now.checked_add(coalesce).unwrap_or(now));
+    let due = out
+        .memory
+        .status_due
+        .get_or_insert_with(|| StatusDue { at: now.checked_add(coalesce).unwrap_or(now), phase: status.phase })
+        .at;
     if urgent || now >= due {
         out.memory.status_due = None;
-        out.memory.status_due_phase = None;
         out.status = Some(status);
         None
     } else {
