@@ -172,17 +172,18 @@ async fn churn_soak_three_replicas_fifty_leader_changes() {
     let args = ["--namespaces", &scope, "--lease-ttl", "2", "--lease-renew", "0.5", "--no-autoscaler"];
     let since = SystemTime::now();
     let mut next = 0;
-    let spawn_replica = |next: &mut u32| {
-        let name = format!("op-{next}");
-        *next += 1;
-        (name.clone(), replica_with(&kc, &op_ns.name, &name, &args))
-    };
-    let mut ops = BTreeMap::new();
     // Every replica's log, kept after it exits: a mismatch prints one timeline from all of them.
     let mut logs: Vec<(String, std::path::PathBuf)> = Vec::new();
+    let spawn_replica = |next: &mut u32, logs: &mut Vec<(String, std::path::PathBuf)>| {
+        let name = format!("op-{next}");
+        *next += 1;
+        let op = replica_with(&kc, &op_ns.name, &name, &args);
+        logs.push((name.clone(), op.log.clone()));
+        (name, op)
+    };
+    let mut ops = BTreeMap::new();
     for _ in 0..3 {
-        let (n, op) = spawn_replica(&mut next);
-        logs.push((n.clone(), op.log.clone()));
+        let (n, op) = spawn_replica(&mut next, &mut logs);
         ops.insert(n, op);
     }
     for op in ops.values() {
@@ -232,8 +233,7 @@ async fn churn_soak_three_replicas_fifty_leader_changes() {
                 terms += 1;
                 assert!(op.wait_exit(Duration::from_secs(10)), "{leader} exits after SIGTERM");
                 ops.remove(&leader);
-                let (n, r) = spawn_replica(&mut next);
-                logs.push((n.clone(), r.log.clone()));
+                let (n, r) = spawn_replica(&mut next, &mut logs);
                 ops.insert(n, r);
             }
             1 => {
@@ -241,8 +241,7 @@ async fn churn_soak_three_replicas_fifty_leader_changes() {
                 kills += 1;
                 assert!(op.wait_exit(Duration::from_secs(5)));
                 ops.remove(&leader);
-                let (n, r) = spawn_replica(&mut next);
-                logs.push((n.clone(), r.log.clone()));
+                let (n, r) = spawn_replica(&mut next, &mut logs);
                 ops.insert(n, r);
             }
             _ => {
