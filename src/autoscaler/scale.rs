@@ -118,9 +118,15 @@ pub fn decide(
         to_decision_input(state, &types, &desired.head.type_name, spec.max_workers(), spec.upscaling_speed(), &listed);
     let decision = decision::get_nodes_to_launch(&input)?;
 
+    // Workers per type, old and new pods of a type counted once (as the pass counts them): during
+    // a rolling replacement the old pods are on their way out, and counting both would make the
+    // current pods look like surplus to the idle scale-down below.
     let mut count: BTreeMap<&str, u32> = BTreeMap::new();
-    for p in live.iter().filter(|p| p.kind == NodeKind::Worker) {
-        *count.entry(p.type_name.as_str()).or_default() += 1;
+    for t in &desired.workers {
+        let of = |current: bool| {
+            live.iter().filter(|p| p.is_live_worker_of(&t.type_name) && (p.hash == t.hash) == current).count() as u32
+        };
+        count.insert(t.type_name.as_str(), of(true).max(of(false)));
     }
     // What each type would have after this decision; only the summary line and the drain bound
     // read it (the pass owns the remembered targets and moves them by `launches` and `drain`).
@@ -131,7 +137,45 @@ pub fn decide(
         targets.insert(t.type_name.clone(), (have + launch).min(t.max_workers).max(t.min_workers.min(t.max_workers)));
     }
     let by_instance = nodes_by_instance(state);
-    let drain = idle_drains(desired, &live, &by_instance, &decision.nodes_to_launch, &mut targets, idle_timeout_ms);
+    let mut drain = idle_drains(desired, &live, &by_instance, &decision.nodes_to_launch, &mut targets, idle_timeout_ms);
+    let has_demand =
+        !(input.resource_demands.is_empty() && input.placement_groups.is_empty() && input.request_resources.is_empty());
+    if !drain.is_empty() && has_demand {
+        // A node idle past the timeout while demand is pending is rare (Ray places work on idle
+        // nodes within moments), but when the decision counted such a node for that demand,
+        // draining it leaves the demand short and the next pass launches a node to replace it.
+        // Keep each idle node whose removal would change the decision.
+        let shortfall = |d: &decision::Decision| {
+            (
+                d.nodes_to_launch.values().map(|n| u64::from(*n)).sum::<u64>(),
+                d.unfulfilled.iter().map(|u| u.count).sum::<u64>(),
+            )
+        };
+        let base = shortfall(&decision);
+        let mut out: BTreeSet<String> = BTreeSet::new();
+        let mut kept = Vec::new();
+        for d in drain {
+            out.insert(d.pod.clone());
+            let without: Vec<(String, String)> = listed.iter().filter(|(_, pod)| !out.contains(pod)).cloned().collect();
+            let input = to_decision_input(
+                state,
+                &types,
+                &desired.head.type_name,
+                spec.max_workers(),
+                spec.upscaling_speed(),
+                &without,
+            );
+            if shortfall(&decision::get_nodes_to_launch(&input)?) == base {
+                kept.push(d);
+            } else {
+                out.remove(&d.pod);
+                if let Some(t) = targets.get_mut(&d.type_name) {
+                    *t += 1;
+                }
+            }
+        }
+        drain = kept;
+    }
 
     // Drained pods go once their Ray node is dead or gone.
     let delete: Vec<String> = pods

@@ -146,9 +146,16 @@ pub(super) fn autoscale(input: &PassInput<'_>, desired: &Desired, out: &mut Pass
     };
     let idle_ms = i64::from(input.cluster.spec.idle_timeout_minutes()) * 60_000;
     let now = SystemTime::from(input.now);
+    // Pods beyond their type's maxWorkers first, as Ray terminates nodes beyond max_workers before
+    // it schedules: a pod that is about to go must not absorb demand, or the next pass (without
+    // it) launches for that demand again. Surplus against the targets waits for the decision,
+    // which moves them.
+    let mut excess = Vec::new();
+    remove_surplus(input, desired, snapshot, Beyond::TypeMax, &mut draining, &mut excess, out);
+    let leaving: BTreeSet<String> = draining.iter().chain(&excess).cloned().collect();
     // Every drain asked for counts, answered or not: a pod whose drain is still on its way to the
     // GCS must not be drained (and its target lowered) a second time.
-    let s = match scale::decide(&input.cluster.spec, desired, input.pods, snapshot, &draining, idle_ms, now) {
+    let s = match scale::decide(&input.cluster.spec, desired, input.pods, snapshot, &leaving, idle_ms, now) {
         Ok(s) => s,
         Err(e) => {
             out.log.push(LogLine::Warn(format!("autoscaler decision failed: {e}")));
@@ -159,6 +166,19 @@ pub(super) fn autoscale(input: &PassInput<'_>, desired: &Desired, out: &mut Pass
         out.log.push(LogLine::Info(format!("draining idle worker {} (Ray node {})", d.pod, d.node_id)));
     }
     let before = out.memory.targets.clone();
+    // Live pods of a type that stay, old and new pods counted once: not drained, not surplus, and
+    // no Ray node draining (a drain somebody else asked for: Ray's decision does not count such
+    // a node, so a launch it asks for is on top of the others; counting the pod as well would
+    // raise the target past what Ray wants, and the idle scale-down would take it back).
+    let node_draining =
+        |p: &ObservedPod| snapshot.nodes.iter().any(|n| n.instance_id == p.name && n.status == NodeStatus::Draining);
+    let staying = |t: &PodTemplate| {
+        let live = |current: bool| {
+            let of = |p: &&ObservedPod| p.is_live_worker_of(&t.type_name) && (p.hash == t.hash) == current;
+            input.pods.iter().filter(of).filter(|p| !leaving.contains(&p.name) && !node_draining(p)).count() as u32
+        };
+        live(true).max(live(false))
+    };
     for t in &desired.workers {
         // Ray's launches are counted from the live pods, not from the target: a worker that died
         // (its pod Finished) or a launch that is not a pod yet is in the target but not live, and
@@ -166,7 +186,7 @@ pub(super) fn autoscale(input: &PassInput<'_>, desired: &Desired, out: &mut Pass
         let launch = s.launches.get(&t.type_name).copied().unwrap_or(0);
         let drained = s.drain.iter().filter(|d| d.type_name == t.type_name).count() as u32;
         if let Some(target) = out.memory.targets.get_mut(&t.type_name) {
-            let wanted = if launch > 0 { (*target).max(have(t) + launch) } else { *target };
+            let wanted = if launch > 0 { (*target).max(staying(t) + launch) } else { *target };
             *target = wanted.saturating_sub(drained);
         }
     }
@@ -179,13 +199,16 @@ pub(super) fn autoscale(input: &PassInput<'_>, desired: &Desired, out: &mut Pass
         out.scaled = Some(if s.launches.is_empty() { Scaled::Down } else { Scaled::Up });
     }
     draining.extend(s.drain.iter().map(|d| d.pod.clone()));
-    out.ray.drains = s.drain;
-    let excess = remove_surplus(input, desired, snapshot, &mut draining, out);
+    out.ray.drains.extend(s.drain);
+    // Again: the clamp to the global maxWorkers may have lowered another type's target.
+    remove_surplus(input, desired, snapshot, Beyond::Target, &mut draining, &mut excess, out);
+    // Surplus pods without a Ray node are deleted as surplus, not as drained ones.
+    let delete = s.delete.into_iter().filter(|p| !excess.contains(p)).collect();
     out.ray.report = Some(s.report);
     let message = format!("reading demand from the GCS at {addr}");
     Scaling {
         draining,
-        delete: s.delete,
+        delete,
         excess,
         condition: Some(ClusterCondition::new(ConditionType::AutoscalerHealthy, true, "GcsReachable", message)),
         awaiting_gcs: false,
@@ -203,26 +226,43 @@ fn gcs_reason(reason: &str) -> &'static str {
     }
 }
 
+/// What [`remove_surplus`] counts a type's pods against.
+#[derive(Clone, Copy)]
+enum Beyond {
+    /// The type's `maxWorkers` (fixed by the spec; before Ray's decision).
+    TypeMax,
+    /// The type's target (after Ray's decision moved it).
+    Target,
+}
+
 /// Pods beyond every target (duplicates created by two leaders during a failover, or a target
 /// lowered while pods were on their way): the least useful go first (no Ray node yet, deleted at
 /// once; then idle nodes, longest idle first, drained through Ray like any idle scale-down).
 /// Busy nodes are never taken: they go once idle. Types in a rolling replacement are left to it.
-/// Adds the drains to `out.ray.drains` and `draining`; returns the pods to delete.
+/// Adds the drains to `out.ray.drains` and `draining`, and the pods to delete to `delete`; pods
+/// already in either are not counted.
 fn remove_surplus(
     input: &PassInput<'_>,
     desired: &Desired,
     snapshot: &ClusterState,
+    beyond: Beyond,
     draining: &mut BTreeSet<String>,
+    delete: &mut Vec<String>,
     out: &mut PassDecision,
-) -> Vec<String> {
-    let mut delete = Vec::new();
+) {
     for t in &desired.workers {
-        let live: Vec<&ObservedPod> =
-            input.pods.iter().filter(|p| p.is_live_worker_of(&t.type_name) && !draining.contains(&p.name)).collect();
+        let live: Vec<&ObservedPod> = input
+            .pods
+            .iter()
+            .filter(|p| p.is_live_worker_of(&t.type_name) && !draining.contains(&p.name) && !delete.contains(&p.name))
+            .collect();
         if live.iter().any(|p| p.hash != t.hash) {
             continue;
         }
-        let target = out.memory.targets.get(&t.type_name).copied().unwrap_or(t.min_workers) as usize;
+        let target = match beyond {
+            Beyond::TypeMax => t.max_workers.max(t.min_workers),
+            Beyond::Target => out.memory.targets.get(&t.type_name).copied().unwrap_or(t.min_workers),
+        } as usize;
         if live.len() <= target {
             continue;
         }
@@ -259,5 +299,4 @@ fn remove_surplus(
             }
         }
     }
-    delete
 }

@@ -14,7 +14,7 @@ pub mod plan;
 mod autoscale;
 mod ray_nodes;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -22,7 +22,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use crate::api::{Phase, RayCluster, RayClusterStatus};
 use crate::autoscaler::scale::{DrainCandidate, DrainState, LinkHealth};
 use crate::model::desired::{Desired, InvalidSpec, NodeKind};
-use crate::model::observed::{ObservedPod, ObservedService};
+use crate::model::observed::{ObservedPod, ObservedService, PodPhase};
 use crate::ray::{AutoscalingReport, ClusterState};
 pub use autoscale::{HEAD_NOT_RUNNING, gcs_address};
 use conditions::ConditionType;
@@ -367,8 +367,7 @@ pub fn decide(input: &PassInput<'_>) -> PassDecision {
     let input = &PassInput { pods: &marked, ..*input };
 
     let scaling = autoscale::autoscale(input, desired, &mut out);
-    let mut deletes = give_up_unschedulable(input, desired, &scaling.delete, &mut out);
-    deletes.extend(scaling.excess.iter().map(|n| (n.clone(), DeleteReason::Excess)));
+    let deletes = give_up_unschedulable(input, desired, &scaling, &mut out);
     // Without the autoscaler the targets are the spec's and surplus pods go; with it only Ray's
     // decision removes workers (by draining idle ones), and surplus beyond every target.
     let targets =
@@ -383,7 +382,16 @@ pub fn decide(input: &PassInput<'_>) -> PassDecision {
             *reason = *why;
         }
     }
-    for (name, reason) in deletes {
+    // One delete per pod: the plan's reason (a finished pod, a dead Ray node) wins.
+    let planned_deletes: BTreeSet<String> = planned
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::DeletePod { name, .. } => Some(name.clone()),
+            _ => None,
+        })
+        .collect();
+    for (name, reason) in deletes.into_iter().filter(|(name, _)| !planned_deletes.contains(name)) {
         if let Some(p) = input.pods.iter().find(|p| p.name == name) {
             planned.actions.push(Action::DeletePod { name: p.name.clone(), uid: p.uid.clone(), reason });
         }
@@ -443,19 +451,31 @@ fn refusal_gate(input: &PassInput<'_>, actions: &[Action], memory: &mut Memory) 
 /// Worker pods the scheduler could not place for the unschedulable timeout: with the autoscaler,
 /// the launch is given up (target − 1, Warning Event, reported to Ray as a failed launch by the
 /// next report); without it, the pod is deleted and replaced. Returns every autoscaler delete
-/// with these added.
+/// (drained pods, surplus pods, given-up launches), one per pod.
+///
+/// A given-up pod lowers its type's target only if the target counted it: a surplus pod (beyond
+/// the target already) goes as surplus, and a pod being drained is deleted with no change to the
+/// target. Lowering it for those would take a second pod away, and Ray would ask for it again on
+/// the next pass (found by tests/pass_properties.rs).
 fn give_up_unschedulable(
     input: &PassInput<'_>,
     desired: &Desired,
-    drained: &[String],
+    scaling: &autoscale::Scaling,
     out: &mut PassDecision,
 ) -> Vec<(String, DeleteReason)> {
-    let mut deletes: Vec<(String, DeleteReason)> = drained.iter().map(|n| (n.clone(), DeleteReason::Drained)).collect();
+    let drained = scaling.delete.iter().map(|n| (n.clone(), DeleteReason::Drained));
+    let excess = scaling.excess.iter().map(|n| (n.clone(), DeleteReason::Excess));
+    let mut deletes: Vec<(String, DeleteReason)> = drained.chain(excess).collect();
     let timeout = input.settings.unschedulable_timeout.as_secs_f64();
-    for p in input.pods.iter().filter(|p| p.kind == NodeKind::Worker && !p.terminating) {
+    // A finished pod (its Ray node dead, say) is the plan's to replace, and an outdated one the
+    // rolling replacement's (never ready, it goes at once): neither is a launch to give up.
+    let current = |p: &ObservedPod| desired.workers.iter().any(|t| t.type_name == p.type_name && t.hash == p.hash);
+    let waiting =
+        |p: &&ObservedPod| p.kind == NodeKind::Worker && !p.terminating && p.phase != PodPhase::Finished && current(p);
+    for p in input.pods.iter().filter(waiting) {
         let Some(since) = p.unschedulable_since else { continue };
         let stuck = input.now.duration_since(since).as_secs_f64();
-        if stuck < timeout || drained.contains(&p.name) {
+        if stuck < timeout || deletes.iter().any(|(name, _)| name == &p.name) {
             continue;
         }
         let msg = format!(
@@ -465,6 +485,7 @@ fn give_up_unschedulable(
         out.log.push(LogLine::Warn(msg.clone()));
         out.events.push(PassEvent { warning: true, reason: "LaunchFailed", note: msg });
         if input.settings.autoscaler.is_some()
+            && !scaling.draining.contains(&p.name)
             && let Some(t) = out.memory.targets.get_mut(&p.type_name)
         {
             let min = desired.workers.iter().find(|w| w.type_name == p.type_name).map_or(0, |w| w.min_workers);
