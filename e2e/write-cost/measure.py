@@ -67,3 +67,29 @@ phase("Service create", [("POST", f"/api/v1/namespaces/{ns}/services", svc(i), "
 def pod(i):
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"generateName": f"rc-{i:05d}-w-", "labels": {"ray-cluster-name": f"rc-{i:05d}"}}, "spec": {"containers": [{"name": "ray", "image": "ray:1", "resources": {"requests": {"cpu": "1", "memory": "512Mi"}}}]}}
 phase("Pod create (+schedule, kwok)", [("POST", f"/api/v1/namespaces/{ns}/pods", pod(i), "application/json") for i in range(N)])
+
+# What an operator's watch adds: the same writes again with one watch open on them (as the
+# operator's watches of pods and RayClusters are), read and thrown away. A watch from the list's
+# resourceVersion sends only what changes from then on.
+def watch(path):
+    c = http.client.HTTPSConnection("127.0.0.1", int(srv), context=ctx)
+    c.request("GET", f"{path}?limit=1"); r = c.getresponse(); rv = json.loads(r.read())["metadata"]["resourceVersion"]
+    c.request("GET", f"{path}?watch=1&allowWatchBookmarks=true&resourceVersion={rv}")
+    r = c.getresponse()
+    def drain():
+        try:
+            while r.read(65536): pass
+        except Exception: pass
+    threading.Thread(target=drain, daemon=True).start()
+    return c
+w = watch(rc)
+phase("status patch, RayClusters watched", [("PATCH", f"{rc}/rc-{i:05d}/status", status(i, "Updating", 2), "application/merge-patch+json") for i in range(N)])
+w.close()
+# The pods again, watched, then unwatched once more: the store grows with each phase, and the
+# bracket shows what that alone costs.
+def pod2(i, tag):
+    b = pod(i); b["metadata"]["generateName"] = f"rc-{i:05d}-{tag}-"; return b
+w = watch(f"/api/v1/namespaces/{ns}/pods")
+phase("Pod create, pods watched", [("POST", f"/api/v1/namespaces/{ns}/pods", pod2(i, "v"), "application/json") for i in range(N)])
+w.close()
+phase("Pod create, unwatched again", [("POST", f"/api/v1/namespaces/{ns}/pods", pod2(i, "u"), "application/json") for i in range(N)])
