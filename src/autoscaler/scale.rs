@@ -12,7 +12,7 @@ use super::decision::{self, NodeTypeConfig, ResourceMap};
 use super::decision_input::to_decision_input;
 use crate::api::RayClusterSpec;
 use crate::model::desired::{Desired, NodeKind};
-use crate::model::observed::{ObservedPod, PodPhase};
+use crate::model::observed::{self, ObservedPod, PodPhase};
 use crate::ray::{AutoscalingReport, ClusterState, NodeStatus, PendingInstance, PendingLaunch, RayNode};
 
 /// Whether the GCS answered lately.
@@ -121,13 +121,11 @@ pub fn decide(
     // Workers per type, old and new pods of a type counted once (as the pass counts them): during
     // a rolling replacement the old pods are on their way out, and counting both would make the
     // current pods look like surplus to the idle scale-down below.
-    let mut count: BTreeMap<&str, u32> = BTreeMap::new();
-    for t in &desired.workers {
-        let of = |current: bool| {
-            live.iter().filter(|p| p.is_live_worker_of(&t.type_name) && (p.hash == t.hash) == current).count() as u32
-        };
-        count.insert(t.type_name.as_str(), of(true).max(of(false)));
-    }
+    let count: BTreeMap<&str, u32> = desired
+        .workers
+        .iter()
+        .map(|t| (t.type_name.as_str(), observed::live_workers(live.iter().copied(), &t.type_name, &t.hash, |_| true)))
+        .collect();
     // What each type would have after this decision; only the summary line and the drain bound
     // read it (the pass owns the remembered targets and moves them by `launches` and `drain`).
     let mut targets = BTreeMap::new();

@@ -66,6 +66,26 @@ pub fn current_head<'a>(pods: &'a [ObservedPod], head_hash: &str) -> Option<&'a 
     pods.iter().find(|p| p.is_current_head(head_hash))
 }
 
+/// Live workers of type `type_name` that `keep` accepts, old and new pods of the type counted
+/// once: the larger of the pods with launch hash `hash` and the others. A rolling replacement
+/// swaps one for the other, so counting both would see surplus where there is none.
+pub fn live_workers<'a>(
+    pods: impl IntoIterator<Item = &'a ObservedPod>,
+    type_name: &str,
+    hash: &str,
+    keep: impl Fn(&ObservedPod) -> bool,
+) -> u32 {
+    let (mut current, mut old) = (0, 0);
+    for p in pods.into_iter().filter(|p| p.is_live_worker_of(type_name) && keep(p)) {
+        if p.hash == hash {
+            current += 1;
+        } else {
+            old += 1;
+        }
+    }
+    current.max(old)
+}
+
 /// Whether the current head runs: its GCS can be asked.
 pub fn head_is_running(pods: &[ObservedPod], head_hash: &str) -> bool {
     pods.iter().any(|p| p.is_current_head(head_hash) && p.is_running())

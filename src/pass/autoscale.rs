@@ -98,14 +98,8 @@ pub(super) fn autoscale(input: &PassInput<'_>, desired: &Desired, out: &mut Pass
     let draining = |p: &ObservedPod| {
         input.ray.and_then(|r| r.drains.get(&p.name)).is_some_and(|st| !matches!(st, DrainState::Rejected(_)))
     };
-    // Live workers of a type that are not being drained (old and new pods of a type count once).
-    let have = |t: &PodTemplate| {
-        let live = |current: bool| {
-            let of = |p: &&ObservedPod| p.is_live_worker_of(&t.type_name) && (p.hash == t.hash) == current;
-            input.pods.iter().filter(of).filter(|p| !draining(p)).count() as u32
-        };
-        live(true).max(live(false))
-    };
+    // Live workers of a type that are not being drained.
+    let have = |t: &PodTemplate| observed::live_workers(input.pods, &t.type_name, &t.hash, |p| !draining(p));
     for t in &desired.workers {
         // Initialised from what exists.
         out.memory.targets.entry(t.type_name.clone()).or_insert_with(|| have(t));
@@ -170,14 +164,11 @@ pub(super) fn autoscale(input: &PassInput<'_>, desired: &Desired, out: &mut Pass
     // no Ray node draining (a drain somebody else asked for: Ray's decision does not count such
     // a node, so a launch it asks for is on top of the others; counting the pod as well would
     // raise the target past what Ray wants, and the idle scale-down would take it back).
-    let node_draining =
-        |p: &ObservedPod| snapshot.nodes.iter().any(|n| n.instance_id == p.name && n.status == NodeStatus::Draining);
+    let nodes_draining: BTreeSet<&str> =
+        snapshot.nodes.iter().filter(|n| n.status == NodeStatus::Draining).map(|n| n.instance_id.as_str()).collect();
     let staying = |t: &PodTemplate| {
-        let live = |current: bool| {
-            let of = |p: &&ObservedPod| p.is_live_worker_of(&t.type_name) && (p.hash == t.hash) == current;
-            input.pods.iter().filter(of).filter(|p| !leaving.contains(&p.name) && !node_draining(p)).count() as u32
-        };
-        live(true).max(live(false))
+        let stays = |p: &ObservedPod| !leaving.contains(&p.name) && !nodes_draining.contains(p.name.as_str());
+        observed::live_workers(input.pods, &t.type_name, &t.hash, stays)
     };
     for t in &desired.workers {
         // Ray's launches are counted from the live pods, not from the target: a worker that died
