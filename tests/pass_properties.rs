@@ -50,16 +50,21 @@ fn worker() -> impl Strategy<Value = Worker> {
     (0usize..3, 0usize..4, any::<bool>(), prop::bool::weighted(0.2), prop::bool::weighted(0.1)).prop_flat_map(
         |(type_index, phase, ready, old, terminating)| {
             (prop::option::weighted(0.15, 0i64..120), 0usize..5, 0i64..200, 0usize..4).prop_map(
-                move |(unsched, node, idle_secs, drain)| Worker {
-                    type_index,
-                    phase,
-                    ready,
-                    old,
-                    terminating,
-                    unsched,
-                    node,
-                    idle_secs,
-                    drain: if drain == 0 || node == 0 { 0 } else { drain },
+                move |(unsched, node, idle_secs, drain)| {
+                    // A pod the scheduler could not place has never started a container, so
+                    // Ray has never seen it: no Ray node, and so nothing to drain.
+                    let node = if unsched.is_some() { 0 } else { node };
+                    Worker {
+                        type_index,
+                        phase,
+                        ready,
+                        old,
+                        terminating,
+                        unsched,
+                        node,
+                        idle_secs,
+                        drain: if drain == 0 || node == 0 { 0 } else { drain },
+                    }
                 },
             )
         },
