@@ -87,7 +87,18 @@ struct PeerRun {
     requests: ReqCounts,
     /// ray-operator only: a standby replica started once all pods ran (peak, settled RSS).
     standby_rss: Option<(f64, f64)>,
+    /// Watches of pods that kwok (the fake kubelets) started during the run. Each one re-sends
+    /// every pod (kwok watches from `resourceVersion=0`): see [`KWOK_WATCHES_NOTE`].
+    kwok_pod_watches: usize,
 }
+
+/// Why the side-by-side table counts kwok's pod watches.
+const KWOK_WATCHES_NOTE: &str = "\"kwok pod watches\": how many times kwok, which stands in for the kubelets, \
+     started its watch of all pods during the run. kwok (v0.8.0) watches from `resourceVersion=0`, so each start \
+     re-sends every pod. It restarts once every 5–10 minutes by itself (client-go's watch timeout). More than \
+     that means the API server dropped kwok's watch for falling behind and kwok went round a loop of full \
+     re-sends (seen at N = 10,000 only, while pods are still being created): kwok then takes about 0.6 of a core \
+     and slows the whole machine, and the run's times say more about kwok than about the contender.";
 
 /// KubeRay's RayCluster (ray.io/v1) equivalent to `deploy/example_cluster.yaml`: a head and one
 /// group of two workers, with the same container resources, ports, volume and image.
@@ -403,6 +414,11 @@ async fn finish(
         None => ProcStats::default(),
     };
     let reqs = cp.requests(who.agent_tag())?;
+    let kwok_pod_watches = cp
+        .requests("kwok/")?
+        .iter()
+        .filter(|r| r.verb == "watch" && r.resource == "pods" && r.at >= sys0 && r.at <= sys1)
+        .count();
     let standby_rss = match &running {
         Some(Running::Ours(_)) => match standby(opts, cp).await {
             Ok(s) => Some(s),
@@ -423,6 +439,7 @@ async fn finish(
         cp_cpu_s: cp.cpu_s() - cp_cpu0,
         requests: ReqCounts::of(&reqs, sys0, sys1),
         standby_rss,
+        kwok_pod_watches,
     })
 }
 
@@ -471,6 +488,7 @@ pub(super) async fn peers(opts: &Opts) -> Result<Section> {
         "\"ours ÷ KubeRay tuned\": for times, KubeRay's ÷ ours (above 1 = we are faster); for RSS, KubeRay's ÷ ours \
          (how many times smaller we are)."
             .into(),
+        KWOK_WATCHES_NOTE.into(),
     ];
     for &n in &sizes {
         let scenarios = [Scenario::Live, Scenario::Backlog]
@@ -528,7 +546,7 @@ fn peer_rows(sec: &mut Section, n: usize, scenario: Scenario, runs: &[(Contender
     };
     let standby_peak = |r: &PeerRun| r.standby_rss.map_or(f64::NAN, |s| s.0);
     let standby_settled = |r: &PeerRun| r.standby_rss.map_or(f64::NAN, |s| s.1);
-    let figures: [Figure<'_>; 12] = [
+    let figures: [Figure<'_>; 13] = [
         ("all pods exist", &|r| r.pods_s, "s", 1, true, Cmp::TheirsOverOurs),
         ("all pods Running", &|r| r.running_s, "s", 1, true, Cmp::TheirsOverOurs),
         ("pods per second", &|r| 3.0 * n as f64 / r.pods_s.max(1e-9), "/s", 0, true, Cmp::None),
@@ -548,6 +566,7 @@ fn peer_rows(sec: &mut Section, n: usize, scenario: Scenario, runs: &[(Contender
         ("API writes per cluster", &writes, "", 2, true, Cmp::TheirsOverOurs),
         ("API writes per cluster, without the Lease and pod patches", &own, "", 2, true, Cmp::TheirsOverOurs),
         ("control-plane CPU", &|r| r.cp_cpu_s, "s", 1, true, Cmp::TheirsOverOurs),
+        ("kwok pod watches", &|r| r.kwok_pod_watches as f64, "", 0, true, Cmp::None),
     ];
     for (figure, f, unit, prec, with_base, cmp) in figures {
         let mut cells = vec![n.to_string(), scenario.label().to_string(), figure.to_string()];
