@@ -87,18 +87,19 @@ struct PeerRun {
     requests: ReqCounts,
     /// ray-operator only: a standby replica started once all pods ran (peak, settled RSS).
     standby_rss: Option<(f64, f64)>,
-    /// Watches of pods that kwok (the fake kubelets) started during the run. Each one re-sends
-    /// every pod (kwok watches from `resourceVersion=0`): see [`KWOK_WATCHES_NOTE`].
+    /// Watches of pods that kwok (the fake kubelets) started during the run: see
+    /// [`KWOK_WATCHES_NOTE`].
     kwok_pod_watches: usize,
 }
 
 /// Why the side-by-side table counts kwok's pod watches.
 const KWOK_WATCHES_NOTE: &str = "\"kwok pod watches\": how many times kwok, which stands in for the kubelets, \
-     started its watch of all pods during the run. kwok (v0.8.0) watches from `resourceVersion=0`, so each start \
-     re-sends every pod. It restarts once every 5–10 minutes by itself (client-go's watch timeout). More than \
-     that means the API server dropped kwok's watch for falling behind and kwok went round a loop of full \
-     re-sends (seen at N = 10,000 only, while pods are still being created): kwok then takes about 0.6 of a core \
-     and slows the whole machine, and the run's times say more about kwok than about the contender.";
+     started a watch of pods during the run. client-go ends a watch every 5–10 minutes, so a run of 15 minutes \
+     has two or three. Upstream kwok v0.8.0 re-watches from `resourceVersion=0`, which re-sends every pod; at \
+     N = 10,000 the API server dropped such a watch for falling behind, and kwok looped on full re-sends for the \
+     rest of the run at about 0.6 of a core, slowing whichever contender was running. `e2e/controlplane/kwok` \
+     builds kwok with watches that resume from their resourceVersion; many more watches than minutes ÷ 5 would \
+     mean the loop is back, and the run's times say more about kwok than about the contender.";
 
 /// KubeRay's RayCluster (ray.io/v1) equivalent to `deploy/example_cluster.yaml`: a head and one
 /// group of two workers, with the same container resources, ports, volume and image.
