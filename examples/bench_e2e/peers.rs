@@ -12,6 +12,7 @@
 
 use super::*;
 
+use k8s_openapi::api::events::v1::Event as K8sEvent;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 
 /// Who brings the clusters up.
@@ -21,15 +22,23 @@ enum Contender {
     Baseline,
     KubeRayDefaults,
     KubeRayTuned,
+    /// Diagnostic, run only when named in `--peers`: the plain client plus what makes an operator
+    /// one (an Event per cluster, watches of pods, Services and RayClusters). Between it and
+    /// ray-operator is what the operator itself costs; between it and the plain client, the
+    /// price of those requests.
+    Mix,
 }
 
 impl Contender {
     const ALL: [Contender; 4] = [Self::Ours, Self::Baseline, Self::KubeRayDefaults, Self::KubeRayTuned];
+    /// Run only when named in `--peers`.
+    const DIAGNOSTIC: [Contender; 1] = [Self::Mix];
 
     fn label(self) -> &'static str {
         match self {
             Self::Ours => "ray-operator",
             Self::Baseline => "plain client",
+            Self::Mix => "plain client + operator's requests",
             Self::KubeRayDefaults => "KubeRay defaults",
             Self::KubeRayTuned => "KubeRay tuned",
         }
@@ -53,6 +62,7 @@ impl Contender {
         match self {
             Self::Ours => "(bench-op)",
             Self::Baseline => "(bench-baseline)",
+            Self::Mix => "(bench-mix)",
             // controller-runtime's client as KubeRay configures it: `kuberay-operator/<version>`.
             Self::KubeRayDefaults | Self::KubeRayTuned => "kuberay-operator/",
         }
@@ -264,7 +274,9 @@ async fn create_clusters(opts: &Opts, client: &Client, n: usize, kuberay: bool) 
 
 /// The plain client's work for the backlog: list the RayClusters once, then for each the same head
 /// Service (server-side apply) and three pods the operator would make, `concurrency` in flight.
-async fn baseline_backlog(client: Client, concurrency: usize) -> Result<()> {
+async fn baseline_backlog(client: Client, concurrency: usize, mix: bool) -> Result<()> {
+    let watches = if mix { operator_watches(&client) } else { vec![] };
+    let (events, publisher) = event_publisher(&client);
     let rcs: Api<RayCluster> = Api::namespaced(client.clone(), "bench");
     let pods: Api<Pod> = Api::namespaced(client.clone(), "bench");
     let svcs: Api<Service> = Api::namespaced(client.clone(), "bench");
@@ -272,38 +284,121 @@ async fn baseline_backlog(client: Client, concurrency: usize) -> Result<()> {
     let list = rcs.list(&ListParams::default()).await?;
     futures::stream::iter(list.items)
         .map(|rc| {
-            let (pods, svcs, pp) = (pods.clone(), svcs.clone(), pp.clone());
-            async move { baseline_children(&rc, &pods, &svcs, &pp).await.map(drop) }
+            let (pods, svcs, pp, events) = (pods.clone(), svcs.clone(), pp.clone(), events.clone());
+            async move {
+                baseline_children(&rc, &pods, &svcs, &pp).await?;
+                if mix {
+                    let _ = events.send(created_event(&rc));
+                }
+                anyhow::Ok(())
+            }
         })
         .buffer_unordered(concurrency)
         .try_collect::<Vec<_>>()
         .await?;
+    drop(events);
+    publisher.await?;
+    watches.iter().for_each(tokio::task::JoinHandle::abort);
     Ok(())
 }
 
+/// Events are sent the way ray-operator sends them: off the clusters' path, 4 in flight
+/// (`EVENTS_IN_FLIGHT`), so that a cluster's pods never wait for its Event. The task ends once the
+/// sender is dropped and the queue is empty.
+fn event_publisher(client: &Client) -> (tokio::sync::mpsc::UnboundedSender<K8sEvent>, tokio::task::JoinHandle<()>) {
+    let api: Api<K8sEvent> = Api::namespaced(client.clone(), "bench");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<K8sEvent>();
+    let task = tokio::spawn(async move {
+        tokio_stream_from(rx)
+            .for_each_concurrent(4, |e| {
+                let api = api.clone();
+                async move {
+                    let _ = api.create(&PostParams::default(), &e).await;
+                }
+            })
+            .await;
+    });
+    (tx, task)
+}
+
+fn tokio_stream_from<T>(mut rx: tokio::sync::mpsc::UnboundedReceiver<T>) -> impl futures::Stream<Item = T> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// The operator's three watches (pods and Services by the cluster label, RayClusters), drained
+/// for as long as the returned tasks run.
+fn operator_watches(client: &Client) -> Vec<tokio::task::JoinHandle<()>> {
+    let config = || watcher::Config::default().page_size(100);
+    let labelled = || config().labels(LABEL_CLUSTER);
+    let pods = watcher::watcher(Api::<Pod>::all(client.clone()), labelled());
+    let svcs = watcher::watcher(Api::<Service>::all(client.clone()), labelled());
+    let rcs = watcher::watcher(Api::<RayCluster>::all(client.clone()), config());
+    vec![
+        tokio::spawn(pods.for_each(|_| futures::future::ready(()))),
+        tokio::spawn(svcs.for_each(|_| futures::future::ready(()))),
+        tokio::spawn(rcs.for_each(|_| futures::future::ready(()))),
+    ]
+}
+
+/// An Event like the one ray-operator writes when it brings a cluster up.
+fn created_event(rc: &RayCluster) -> K8sEvent {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let name = rc.name_any();
+    K8sEvent {
+        metadata: kube::api::ObjectMeta {
+            name: Some(format!("{name}.{:x}", now.as_nanosecond())),
+            namespace: rc.namespace(),
+            ..Default::default()
+        },
+        event_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(now)),
+        type_: Some("Normal".into()),
+        reason: Some("Created".into()),
+        action: Some("Created".into()),
+        note: Some(format!(
+            "Created head service {name}-ray-head; created head pod: {name}-head-xxxxx; created 2 worker pod(s) of \
+             type worker-node: {name}-worker-xxxxx, {name}-worker-yyyyy"
+        )),
+        regarding: Some(kube::Resource::object_ref(rc, &())),
+        reporting_controller: Some("ray-operator-bench/mix".into()),
+        reporting_instance: Some("bench-mix".into()),
+        ..Default::default()
+    }
+}
+
 /// The plain client's work in the live scenario: create each RayCluster, then its children.
-async fn baseline_live(client: Client, base: serde_json::Value, n: usize, concurrency: usize) -> Result<()> {
+async fn baseline_live(client: Client, base: serde_json::Value, n: usize, concurrency: usize, mix: bool) -> Result<()> {
+    let watches = if mix { operator_watches(&client) } else { vec![] };
+    let (events, publisher) = event_publisher(&client);
     let rcs: Api<RayCluster> = Api::namespaced(client.clone(), "bench");
     let pods: Api<Pod> = Api::namespaced(client.clone(), "bench");
     let svcs: Api<Service> = Api::namespaced(client.clone(), "bench");
     let pp = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
     futures::stream::iter(0..n)
         .map(|i| {
-            let (rcs, pods, svcs, pp) = (rcs.clone(), pods.clone(), svcs.clone(), pp.clone());
+            let (rcs, pods, svcs, pp, events) = (rcs.clone(), pods.clone(), svcs.clone(), pp.clone(), events.clone());
             let rc = cluster(&base, &format!("rc-{i:05}"), 2);
             async move {
                 let created = rcs.create(&PostParams::default(), &rc?).await?;
-                baseline_children(&created, &pods, &svcs, &pp).await.map(drop)
+                baseline_children(&created, &pods, &svcs, &pp).await?;
+                if mix {
+                    let _ = events.send(created_event(&created));
+                }
+                anyhow::Ok(())
             }
         })
         .buffer_unordered(concurrency)
         .try_collect::<Vec<_>>()
         .await?;
+    drop(events);
+    publisher.await?;
+    watches.iter().for_each(tokio::task::JoinHandle::abort);
     Ok(())
 }
 
 async fn peer_run(opts: &Opts, who: Contender, scenario: Scenario, n: usize) -> Result<PeerRun> {
-    let tag = format!("peers-{}-{}-{n}", scenario.label(), who.label().replace(' ', "-").to_lowercase());
+    let name: String =
+        who.label().chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect();
+    let tag = format!("peers-{}-{name}-{n}", scenario.label());
     let cp = control_plane(opts, &tag, n, who.kuberay())?;
     let driver = cp.client("ray-operator-bench/driver (bench-driver)").await?;
     create_namespace(&driver, OPERATOR_NS).await?;
@@ -326,7 +421,7 @@ async fn peer_run(opts: &Opts, who: Contender, scenario: Scenario, n: usize) -> 
             Contender::KubeRayDefaults | Contender::KubeRayTuned => {
                 Running::KubeRay(KubeRayProc::start(opts, cp, who.kuberay_flags())?)
             }
-            Contender::Baseline => unreachable!("the baseline is started by the scenario"),
+            Contender::Baseline | Contender::Mix => unreachable!("the baseline is started by the scenario"),
         })
     };
     log(format!("peers N={n} {}: {}", scenario.label(), who.label()));
@@ -336,7 +431,7 @@ async fn peer_run(opts: &Opts, who: Contender, scenario: Scenario, n: usize) -> 
         Scenario::Live => {
             // The operator is up (and leading) before the clock starts, as in section 1.
             let running = match who {
-                Contender::Baseline => None,
+                Contender::Baseline | Contender::Mix => None,
                 _ => {
                     let r = start(&cp)?;
                     match &r {
@@ -358,9 +453,10 @@ async fn peer_run(opts: &Opts, who: Contender, scenario: Scenario, n: usize) -> 
                     r
                 }
                 None => {
-                    let client = cp.client("ray-operator-bench/baseline (bench-baseline)").await?;
+                    let client = cp.client(&format!("ray-operator-bench/baseline {}", who.agent_tag())).await?;
                     let base = example_cluster(&opts.repo)?;
-                    Running::Baseline(tokio::spawn(baseline_live(client, base, n, opts.args.concurrency)))
+                    let mix = who == Contender::Mix;
+                    Running::Baseline(tokio::spawn(baseline_live(client, base, n, opts.args.concurrency, mix)))
                 }
             };
             (t0, running)
@@ -368,9 +464,10 @@ async fn peer_run(opts: &Opts, who: Contender, scenario: Scenario, n: usize) -> 
         Scenario::Backlog => {
             let t0 = Instant::now();
             let running = match who {
-                Contender::Baseline => {
-                    let client = cp.client("ray-operator-bench/baseline (bench-baseline)").await?;
-                    Running::Baseline(tokio::spawn(baseline_backlog(client, opts.args.concurrency)))
+                Contender::Baseline | Contender::Mix => {
+                    let client = cp.client(&format!("ray-operator-bench/baseline {}", who.agent_tag())).await?;
+                    let mix = who == Contender::Mix;
+                    Running::Baseline(tokio::spawn(baseline_backlog(client, opts.args.concurrency, mix)))
                 }
                 _ => start(&cp)?,
             };
@@ -463,9 +560,11 @@ pub(super) async fn peers(opts: &Opts) -> Result<Section> {
     } else {
         opts.args.peer_sizes.clone()
     };
+    let named = |c: &Contender| opts.args.peers.iter().any(|p| p == c.label());
     let contenders: Vec<Contender> = Contender::ALL
         .into_iter()
-        .filter(|c| opts.args.peers.is_empty() || opts.args.peers.iter().any(|p| p == c.label()))
+        .filter(|c| opts.args.peers.is_empty() || named(c))
+        .chain(Contender::DIAGNOSTIC.into_iter().filter(named))
         .collect();
     let mut sec = Section::new("7. Side by side: ray-operator, a plain client and KubeRay v1.5.0", &[]);
     let mut header = vec!["N".to_string(), "scenario".into(), "figure".into()];
@@ -574,7 +673,7 @@ fn peer_rows(sec: &mut Section, n: usize, scenario: Scenario, runs: &[(Contender
         for (who, r) in runs {
             cells.push(match r {
                 // NaN: a figure this contender does not have (a standby of KubeRay).
-                Some(r) if (with_base || *who != Contender::Baseline) && !f(r).is_nan() => {
+                Some(r) if (with_base || !matches!(who, Contender::Baseline | Contender::Mix)) && !f(r).is_nan() => {
                     format!("{:.prec$} {unit}", f(r)).trim().to_string()
                 }
                 Some(_) => "—".into(),
@@ -625,6 +724,24 @@ fn peer_rows(sec: &mut Section, n: usize, scenario: Scenario, runs: &[(Contender
     cells.push(if judged { "≥ 0.95".into() } else { "—".into() });
     cells.push(verdict(share.filter(|_| judged).map(|x| x >= 0.95)).to_string());
     sec.row(cells);
+    // The diagnostic: what the operator's requests cost (mix vs plain) and what is left to the
+    // operator itself (ours vs mix).
+    if let (Some(o), Some(m)) = (ours, get(Contender::Mix)) {
+        let mut cells = vec![
+            n.to_string(),
+            scenario.label().to_string(),
+            "all pods exist: plain client + operator's requests, its time ÷ ours".into(),
+        ];
+        for (who, _) in runs {
+            cells.push(if *who == Contender::Ours {
+                format!("{:.2}", m.pods_s / o.pods_s.max(1e-9))
+            } else {
+                "—".into()
+            });
+        }
+        cells.extend(["—".into(), "—".into(), "—".into()]);
+        sec.row(cells);
+    }
     for (who, r) in runs {
         if let Some(r) = r {
             sec.notes.push(format!("N = {n}, {}, {}: {}.", scenario.label(), who.label(), r.requests.summary()));
