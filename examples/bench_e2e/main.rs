@@ -115,7 +115,8 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     peer_sizes: Vec<usize>,
     /// Side by side: only these contenders ("ray-operator", "plain client", "KubeRay defaults",
-    /// "KubeRay tuned"; default all).
+    /// "KubeRay tuned"; default all). The diagnostic "plain client + operator's requests" (the
+    /// plain client plus one Event per cluster and the operator's watches) runs only when named.
     #[arg(long, value_delimiter = ',')]
     peers: Vec<String>,
     /// Side by side: only these scenarios ("live", "backlog"; default both). At N = 10,000 each
