@@ -202,10 +202,8 @@ fn idle_drains(
         if launches.get(&t.type_name).copied().unwrap_or(0) > 0 {
             continue;
         }
-        // A type in a rolling replacement is left to it (as the surplus removal leaves it): its
-        // idle current pod is what the old ones are being replaced by, and draining it would
-        // only make the replacement create another.
-        if live.iter().any(|p| p.is_live_worker_of(&t.type_name) && p.hash != t.hash) {
+        // Its idle current pod is what the old ones are being replaced by.
+        if observed::in_rolling_replacement(live.iter().copied(), &t.type_name, &t.hash) {
             continue;
         }
         let mut keep = targets.get(&t.type_name).copied().unwrap_or(0);

@@ -86,6 +86,17 @@ pub fn live_workers<'a>(
     current.max(old)
 }
 
+/// Whether type `type_name` is in a rolling replacement: one of `pods` is a live worker of it
+/// built from another launch hash than `hash`. Scale-downs leave such a type to the replacement,
+/// which removes the old pods itself; taking its current pods would only make it create more.
+pub fn in_rolling_replacement<'a>(
+    pods: impl IntoIterator<Item = &'a ObservedPod>,
+    type_name: &str,
+    hash: &str,
+) -> bool {
+    pods.into_iter().any(|p| p.is_live_worker_of(type_name) && p.hash != hash)
+}
+
 /// Whether the current head runs: its GCS can be asked.
 pub fn head_is_running(pods: &[ObservedPod], head_hash: &str) -> bool {
     pods.iter().any(|p| p.is_current_head(head_hash) && p.is_running())

@@ -247,7 +247,7 @@ fn remove_surplus(
             .iter()
             .filter(|p| p.is_live_worker_of(&t.type_name) && !draining.contains(&p.name) && !delete.contains(&p.name))
             .collect();
-        if live.iter().any(|p| p.hash != t.hash) {
+        if observed::in_rolling_replacement(live.iter().copied(), &t.type_name, &t.hash) {
             continue;
         }
         let target = match beyond {
