@@ -275,8 +275,7 @@ async fn create_clusters(opts: &Opts, client: &Client, n: usize, kuberay: bool) 
 /// The plain client's work for the backlog: list the RayClusters once, then for each the same head
 /// Service (server-side apply) and three pods the operator would make, `concurrency` in flight.
 async fn baseline_backlog(client: Client, concurrency: usize, mix: bool) -> Result<()> {
-    let watches = if mix { operator_watches(&client) } else { vec![] };
-    let (events, publisher) = event_publisher(&client);
+    let extras = mix.then(|| OperatorRequests::start(&client));
     let rcs: Api<RayCluster> = Api::namespaced(client.clone(), "bench");
     let pods: Api<Pod> = Api::namespaced(client.clone(), "bench");
     let svcs: Api<Service> = Api::namespaced(client.clone(), "bench");
@@ -284,11 +283,11 @@ async fn baseline_backlog(client: Client, concurrency: usize, mix: bool) -> Resu
     let list = rcs.list(&ListParams::default()).await?;
     futures::stream::iter(list.items)
         .map(|rc| {
-            let (pods, svcs, pp, events) = (pods.clone(), svcs.clone(), pp.clone(), events.clone());
+            let (pods, svcs, pp, extras) = (pods.clone(), svcs.clone(), pp.clone(), &extras);
             async move {
                 baseline_children(&rc, &pods, &svcs, &pp).await?;
-                if mix {
-                    let _ = events.send(created_event(&rc));
+                if let Some(x) = extras {
+                    x.created(&rc);
                 }
                 anyhow::Ok(())
             }
@@ -296,48 +295,57 @@ async fn baseline_backlog(client: Client, concurrency: usize, mix: bool) -> Resu
         .buffer_unordered(concurrency)
         .try_collect::<Vec<_>>()
         .await?;
-    drop(events);
-    publisher.await?;
-    watches.iter().for_each(tokio::task::JoinHandle::abort);
+    if let Some(x) = extras {
+        x.finish().await?;
+    }
     Ok(())
 }
 
-/// Events are sent the way ray-operator sends them: off the clusters' path, 4 in flight
-/// (`EVENTS_IN_FLIGHT`), so that a cluster's pods never wait for its Event. The task ends once the
-/// sender is dropped and the queue is empty.
-fn event_publisher(client: &Client) -> (tokio::sync::mpsc::UnboundedSender<K8sEvent>, tokio::task::JoinHandle<()>) {
-    let api: Api<K8sEvent> = Api::namespaced(client.clone(), "bench");
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<K8sEvent>();
-    let task = tokio::spawn(async move {
-        tokio_stream_from(rx)
-            .for_each_concurrent(4, |e| {
-                let api = api.clone();
-                async move {
-                    let _ = api.create(&PostParams::default(), &e).await;
-                }
-            })
-            .await;
-    });
-    (tx, task)
+/// What makes an operator more than the plain client, for the diagnostic contender: one Event
+/// per cluster, sent the way ray-operator sends them (off the clusters' path, 4 in flight, as
+/// `EVENTS_IN_FLIGHT`, so that a cluster's pods never wait for its Event), and the operator's
+/// three watches (pods and Services by the cluster label, RayClusters), drained while it runs.
+struct OperatorRequests {
+    events: futures::channel::mpsc::UnboundedSender<K8sEvent>,
+    publisher: tokio::task::JoinHandle<()>,
+    watches: Vec<tokio::task::JoinHandle<()>>,
 }
 
-fn tokio_stream_from<T>(mut rx: tokio::sync::mpsc::UnboundedReceiver<T>) -> impl futures::Stream<Item = T> {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
-}
+impl OperatorRequests {
+    fn start(client: &Client) -> Self {
+        let api: Api<K8sEvent> = Api::namespaced(client.clone(), "bench");
+        let (events, queue) = futures::channel::mpsc::unbounded::<K8sEvent>();
+        let publisher = tokio::spawn(queue.for_each_concurrent(4, move |e| {
+            let api = api.clone();
+            async move {
+                let _ = api.create(&PostParams::default(), &e).await;
+            }
+        }));
+        let config = || watcher::Config::default().page_size(100);
+        let labelled = || config().labels(LABEL_CLUSTER);
+        let pods = watcher::watcher(Api::<Pod>::all(client.clone()), labelled());
+        let svcs = watcher::watcher(Api::<Service>::all(client.clone()), labelled());
+        let rcs = watcher::watcher(Api::<RayCluster>::all(client.clone()), config());
+        let watches = vec![
+            tokio::spawn(pods.for_each(|_| futures::future::ready(()))),
+            tokio::spawn(svcs.for_each(|_| futures::future::ready(()))),
+            tokio::spawn(rcs.for_each(|_| futures::future::ready(()))),
+        ];
+        Self { events, publisher, watches }
+    }
 
-/// The operator's three watches (pods and Services by the cluster label, RayClusters), drained
-/// for as long as the returned tasks run.
-fn operator_watches(client: &Client) -> Vec<tokio::task::JoinHandle<()>> {
-    let config = || watcher::Config::default().page_size(100);
-    let labelled = || config().labels(LABEL_CLUSTER);
-    let pods = watcher::watcher(Api::<Pod>::all(client.clone()), labelled());
-    let svcs = watcher::watcher(Api::<Service>::all(client.clone()), labelled());
-    let rcs = watcher::watcher(Api::<RayCluster>::all(client.clone()), config());
-    vec![
-        tokio::spawn(pods.for_each(|_| futures::future::ready(()))),
-        tokio::spawn(svcs.for_each(|_| futures::future::ready(()))),
-        tokio::spawn(rcs.for_each(|_| futures::future::ready(()))),
-    ]
+    /// Queues the Event of a cluster whose children were just made.
+    fn created(&self, rc: &RayCluster) {
+        let _ = self.events.unbounded_send(created_event(rc));
+    }
+
+    /// Waits for the queued Events to be sent, then stops the watches.
+    async fn finish(self) -> Result<()> {
+        drop(self.events);
+        self.publisher.await?;
+        self.watches.iter().for_each(tokio::task::JoinHandle::abort);
+        Ok(())
+    }
 }
 
 /// An Event like the one ray-operator writes when it brings a cluster up.
@@ -367,21 +375,20 @@ fn created_event(rc: &RayCluster) -> K8sEvent {
 
 /// The plain client's work in the live scenario: create each RayCluster, then its children.
 async fn baseline_live(client: Client, base: serde_json::Value, n: usize, concurrency: usize, mix: bool) -> Result<()> {
-    let watches = if mix { operator_watches(&client) } else { vec![] };
-    let (events, publisher) = event_publisher(&client);
+    let extras = mix.then(|| OperatorRequests::start(&client));
     let rcs: Api<RayCluster> = Api::namespaced(client.clone(), "bench");
     let pods: Api<Pod> = Api::namespaced(client.clone(), "bench");
     let svcs: Api<Service> = Api::namespaced(client.clone(), "bench");
     let pp = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
     futures::stream::iter(0..n)
         .map(|i| {
-            let (rcs, pods, svcs, pp, events) = (rcs.clone(), pods.clone(), svcs.clone(), pp.clone(), events.clone());
+            let (rcs, pods, svcs, pp, extras) = (rcs.clone(), pods.clone(), svcs.clone(), pp.clone(), &extras);
             let rc = cluster(&base, &format!("rc-{i:05}"), 2);
             async move {
                 let created = rcs.create(&PostParams::default(), &rc?).await?;
                 baseline_children(&created, &pods, &svcs, &pp).await?;
-                if mix {
-                    let _ = events.send(created_event(&created));
+                if let Some(x) = extras {
+                    x.created(&created);
                 }
                 anyhow::Ok(())
             }
@@ -389,9 +396,9 @@ async fn baseline_live(client: Client, base: serde_json::Value, n: usize, concur
         .buffer_unordered(concurrency)
         .try_collect::<Vec<_>>()
         .await?;
-    drop(events);
-    publisher.await?;
-    watches.iter().for_each(tokio::task::JoinHandle::abort);
+    if let Some(x) = extras {
+        x.finish().await?;
+    }
     Ok(())
 }
 
